@@ -1,0 +1,122 @@
+"""Bit plans: which bit width each layer's weights and input activations get.
+
+A :class:`BitPlan` maps layer names to :class:`LayerSpec` and may carry a ``default`` spec for
+layers it does not name. Plans round-trip through JSON with a version number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hawq.errors import ConfigError
+from hawq.io import atomic_write_text
+from hawq.quantizers import check_bits
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Bits of one layer: ``w_bits`` for its weight, ``a_bits`` for its input activation."""
+
+    w_bits: int = 8
+    a_bits: int = 32
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits", symmetric=True)
+        check_bits(self.a_bits, "a_bits")
+
+
+@dataclass
+class QuantConfig:
+    """How layers are quantized (independent of how many bits they get).
+
+    * ``w_symmetric``/``w_per_channel``: weight quantizer form (default symmetric per-channel).
+    * ``w_clip``: ``"minmax"`` or ``"mse"`` (MSE-optimal clipping search, best at 2-4 bits).
+    * ``a_calibration``: ``"minmax"`` or ``"percentile"`` (``a_percentile`` of |x|, per batch,
+      averaged over calibration batches).
+    """
+
+    w_symmetric: bool = True
+    w_per_channel: bool = True
+    w_clip: str = "minmax"
+    a_calibration: str = "minmax"
+    a_percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.w_clip not in ("minmax", "mse"):
+            raise ConfigError(f"w_clip={self.w_clip!r}: use 'minmax' or 'mse'")
+        if self.a_calibration not in ("minmax", "percentile"):
+            raise ConfigError(f"a_calibration={self.a_calibration!r}: use 'minmax' or 'percentile'")
+        if not 50.0 < self.a_percentile <= 100.0:
+            raise ConfigError(f"a_percentile={self.a_percentile}: give a value in (50, 100]")
+
+
+@dataclass
+class BitPlan:
+    """Layer name -> :class:`LayerSpec`, plus an optional ``default`` for unnamed layers."""
+
+    layers: dict[str, LayerSpec] = field(default_factory=dict)
+    default: LayerSpec | None = None
+
+    def __post_init__(self) -> None:
+        layers = {}
+        for name, spec in self.layers.items():
+            if isinstance(spec, int) and not isinstance(spec, bool):
+                spec = LayerSpec(spec)
+            elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+                spec = LayerSpec(*spec)
+            if not isinstance(spec, LayerSpec):
+                raise ConfigError(f"plan entry {name!r}={spec!r}: give LayerSpec(w_bits, a_bits), "
+                                  "a (w_bits, a_bits) pair or an int w_bits")
+            layers[name] = spec
+        self.layers = layers
+
+    @classmethod
+    def uniform(cls, w_bits: int = 8, a_bits: int = 32) -> "BitPlan":
+        """A plan that gives every quantizable layer the same bits."""
+        return cls({}, LayerSpec(w_bits, a_bits))
+
+    def spec_for(self, name: str) -> LayerSpec | None:
+        """The spec of layer ``name``: its own entry, else the default, else None (untouched)."""
+        return self.layers.get(name, self.default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION,
+                "default": None if self.default is None else asdict(self.default),
+                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BitPlan":
+        if not isinstance(d, dict) or "layers" not in d:
+            raise ConfigError("a bit plan is a JSON object with 'layers' (name -> "
+                              "{'w_bits', 'a_bits'}) and optionally 'default'")
+        if d.get("version", PLAN_VERSION) > PLAN_VERSION:
+            raise ConfigError(f"plan version {d['version']} is newer than this hawq "
+                              f"({PLAN_VERSION}); upgrade hawq")
+
+        def spec(v: Any, where: str) -> LayerSpec:
+            if isinstance(v, int):
+                return LayerSpec(v)
+            if not isinstance(v, dict) or set(v) - {"w_bits", "a_bits"}:
+                raise ConfigError(f"plan entry {where}: give {{'w_bits': int, 'a_bits': int}}, "
+                                  f"got {v!r}")
+            return LayerSpec(**v)
+
+        default = d.get("default")
+        return cls({k: spec(v, k) for k, v in d["layers"].items()},
+                   None if default is None else spec(default, "default"))
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON (atomically). Returns the path."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "BitPlan":
+        from hawq.io import read_json
+
+        return cls.from_dict(read_json(path, "bit plan"))

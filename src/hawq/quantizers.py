@@ -1,0 +1,220 @@
+"""Uniform affine quantizers: pure tensor functions, no modules, no I/O.
+
+Conventions (b = bits):
+
+* **symmetric** (weights): signed integers in [-2^(b-1), 2^(b-1)-1], zero point 0,
+  scale = clip / (2^(b-1)-1) where clip = max|x| (or a clipped fraction of it). Needs b >= 2.
+* **asymmetric**: unsigned integers in [0, 2^b-1], scale = (max-min)/(2^b-1),
+  zero point = round(-min/scale); the range always contains 0 so zero is exact.
+* **unsigned** (activations after ReLU): asymmetric with min fixed at 0, so zero point 0.
+* 16 and 32 bits mean "stay floating point": :func:`fake_quantize` passes x through.
+
+Per-channel parameters run along ``axis`` (0 = output channels of a Conv/Linear weight).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from hawq.errors import ConfigError
+
+FLOAT_BITS = (16, 32)
+INT_BITS = tuple(range(1, 9))
+
+
+def check_bits(bits: int, what: str = "bits", symmetric: bool = False) -> int:
+    """Validate a bit width: 1..8 (2..8 when symmetric) or 16/32 (float). Returns it as int."""
+    try:
+        if isinstance(bits, bool):
+            raise TypeError
+        bits = operator.index(bits)
+    except TypeError:
+        raise ConfigError(f"{what}={bits!r}: give an integer bit width in 1..8, "
+                          "or 16/32 for float") from None
+    if bits in FLOAT_BITS:
+        return bits
+    low = 2 if symmetric else 1
+    if not low <= bits <= 8:
+        raise ConfigError(f"{what}={bits}: supported bit widths are {low}..8 "
+                          f"{'(symmetric needs at least 2) ' if symmetric else ''}"
+                          "and 16/32 for float pass-through")
+    return bits
+
+
+def is_float(bits: int) -> bool:
+    """True when ``bits`` means the tensor stays floating point (16 or 32)."""
+    return bits in FLOAT_BITS
+
+
+@dataclass
+class QParams:
+    """Quantization parameters: ``x ≈ (q - zero_point) * scale`` with q in [qmin, qmax].
+
+    ``scale`` and ``zero_point`` are 0-d tensors (per tensor) or 1-d along ``axis``.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    def view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point reshaped to broadcast against ``x``."""
+        if self.axis is None:
+            return self.scale, self.zero_point
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return self.scale.view(shape), self.zero_point.view(shape)
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range [qmin, qmax] of a b-bit quantizer."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def _reduce(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if axis is None:
+        return x.min(), x.max()
+    flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    return flat.min(dim=1).values, flat.max(dim=1).values
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = True,
+                       axis: int | None = None) -> QParams:
+    """QParams covering [lo, hi] (tensors, per tensor or per channel). Cost: O(channels)."""
+    bits = check_bits(bits, symmetric=symmetric)
+    if is_float(bits):
+        raise ConfigError(f"bits={bits} means float: there is nothing to quantize")
+    qmin, qmax = int_range(bits, symmetric)
+    lo = torch.as_tensor(lo, dtype=torch.float32).detach()
+    hi = torch.as_tensor(hi, dtype=torch.float32).detach()
+    tiny = torch.finfo(torch.float32).tiny * 2 ** 24
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = torch.clamp(amax / max(qmax, 1), min=tiny)
+        zero = torch.zeros_like(scale, dtype=torch.int64)
+    else:
+        lo = torch.clamp(lo, max=0.0)
+        hi = torch.clamp(hi, min=0.0)
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=tiny)
+        zero = torch.clamp(torch.round(-lo / scale), qmin, qmax).to(torch.int64)
+    return QParams(scale, zero, bits, qmin, qmax, axis)
+
+
+def minmax_qparams(x: torch.Tensor, bits: int, symmetric: bool = True, axis: int | None = None,
+                   unsigned: bool = False) -> QParams:
+    """QParams from the min/max of ``x`` (per tensor, or per channel along ``axis``).
+
+    ``unsigned=True`` fixes the lower end at 0 (activations after ReLU). One pass over x.
+    """
+    lo, hi = _reduce(x.detach(), axis)
+    if unsigned:
+        lo = torch.zeros_like(lo)
+        symmetric = False
+    return qparams_from_range(lo, hi, bits, symmetric, axis)
+
+
+def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integer tensor (int32) q = clamp(round(x/scale) + zero_point, qmin, qmax)."""
+    scale, zero = qp.view(x)
+    return torch.clamp(torch.round(x / scale) + zero, qp.qmin, qp.qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Float tensor (q - zero_point) * scale."""
+    scale, zero = qp.view(q)
+    return (q.to(torch.float32) - zero) * scale
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
+    """dequantize(quantize(x)) with a straight-through gradient.
+
+    The gradient is the identity where x lies inside the representable range
+    [(qmin - zp)·scale, (qmax - zp)·scale] and zero outside it (clipped). ``qp=None`` returns x.
+    Differentiable twice (the mask is constant), so Hessians can be taken through it.
+    """
+    if qp is None:
+        return x
+    scale, zero = qp.view(x)
+    lo = (qp.qmin - zero) * scale
+    hi = (qp.qmax - zero) * scale
+    xq = (torch.clamp(torch.round(x.detach() / scale) + zero, qp.qmin, qp.qmax) - zero) * scale
+    if not x.requires_grad:
+        return xq
+    mask = ((x.detach() >= lo) & (x.detach() <= hi)).to(x.dtype)
+    return xq.detach() + (x - x.detach()) * mask
+
+
+def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: int | None = 0,
+                    grid: int = 80, low: float = 0.2) -> torch.Tensor:
+    """Per-channel clipping ratio alpha in [low, 1] minimising ||Q(x) - x||^2.
+
+    The range [alpha·min, alpha·max] is searched on a grid of ``grid`` ratios, all channels and
+    ratios at once (memory grid × numel). Returns a 1-d tensor (one ratio per channel), or a
+    0-d tensor when ``axis`` is None. Cost: ``grid`` quantize passes over x, vectorised.
+    """
+    bits = check_bits(bits, symmetric=symmetric)
+    x = x.detach()
+    flat = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    qmin, qmax = int_range(bits, symmetric)
+    alphas = torch.linspace(low, 1.0, grid, dtype=flat.dtype)
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    best_err = torch.full((flat.shape[0],), float("inf"), dtype=flat.dtype)
+    best = torch.ones(flat.shape[0], dtype=flat.dtype)
+    # Chunk the grid so memory stays at about 8M elements.
+    step = max(1, int(8e6 // max(flat.numel(), 1)))
+    for start in range(0, grid, step):
+        a = alphas[start:start + step].view(-1, 1)  # (A, 1)
+        if symmetric:
+            amax = torch.maximum(lo.abs(), hi.abs()).view(1, -1) * a  # (A, C)
+            scale = (amax / max(qmax, 1)).clamp_min(1e-30)
+            zero = torch.zeros_like(scale)
+        else:
+            l_ = lo.clamp(max=0).view(1, -1) * a
+            h_ = hi.clamp(min=0).view(1, -1) * a
+            scale = ((h_ - l_) / (qmax - qmin)).clamp_min(1e-30)
+            zero = torch.clamp(torch.round(-l_ / scale), qmin, qmax)
+        s3, z3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        xq = (torch.clamp(torch.round(flat.unsqueeze(0) / s3) + z3, qmin, qmax) - z3) * s3
+        err = (xq - flat.unsqueeze(0)).pow(2).sum(-1)  # (A, C)
+        e_min, idx = err.min(dim=0)
+        better = e_min < best_err
+        best_err = torch.where(better, e_min, best_err)
+        best = torch.where(better, a.view(-1)[idx], best)
+    return best if axis is not None else best[0]
+
+
+def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool = True, per_channel: bool = True,
+                   clip: str = "minmax", clip_ratio: torch.Tensor | None = None) -> QParams | None:
+    """QParams for a weight tensor; ``None`` for float bit widths.
+
+    ``clip="minmax"`` covers the full range; ``clip="mse"`` searches the MSE-optimal clipping
+    ratio (see :func:`mse_clip_ratios`) unless ``clip_ratio`` is given (reuse a cached search).
+    """
+    bits = check_bits(bits, "w_bits", symmetric=symmetric)
+    if is_float(bits):
+        return None
+    if clip not in ("minmax", "mse"):
+        raise ConfigError(f"clip={clip!r}: use 'minmax' or 'mse'")
+    axis = 0 if per_channel else None
+    lo, hi = _reduce(w.detach(), axis)
+    if clip == "mse" or clip_ratio is not None:
+        ratio = clip_ratio if clip_ratio is not None else mse_clip_ratios(w, bits, symmetric, axis)
+        lo, hi = lo * ratio, hi * ratio
+    return qparams_from_range(lo, hi, bits, symmetric, axis)
+
+
+def quantization_error(w: torch.Tensor, bits: int, symmetric: bool = True,
+                       per_channel: bool = True, clip: str = "minmax") -> float:
+    """||Q_b(w) - w||_2^2 for one weight tensor (0.0 for float bit widths)."""
+    qp = weight_qparams(w, bits, symmetric, per_channel, clip)
+    if qp is None:
+        return 0.0
+    return float((dequantize(quantize(w.detach(), qp), qp) - w.detach()).pow(2).sum())
