@@ -1,6 +1,6 @@
 """hawq: Hessian-aware mixed-precision quantization for PyTorch models."""
 
-from hawq.budget import BudgetReport, budget_report, count_params
+from hawq.accounting import BudgetReport, budget_report, count_params
 from hawq.errors import (BudgetError, ConfigError, DataError, HawqError, NumericalError,
                          UnsupportedLayerError)
 from hawq.evaluate import EvalResult, evaluate
