@@ -105,6 +105,125 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             "config": vars(config)}
 
 
+def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    from hawq.data import load_dataset
+    from hawq.hessian import analyze
+
+    spec, model = _load(args)
+    data = load_dataset(spec.dataset, args.split, args.data_dir, args.samples)
+    res = analyze(model, data.tensors, metric=args.metric, seed=args.seed, tol=args.tol,
+                  max_probes=args.max_probes, batch_size=args.batch_size, progress=True)
+    rows = []
+    for lh in res.layers:
+        eig = lh.eigenvalue[0] if isinstance(lh.eigenvalue, list) else lh.eigenvalue
+        rows.append([lh.name, lh.params, "-" if lh.trace is None else f"{lh.trace:.4g}",
+                     "-" if lh.avg_trace is None else f"{lh.avg_trace:.4g}",
+                     "-" if lh.stderr is None else f"{lh.stderr:.2g}",
+                     "-" if eig is None else f"{eig:.4g}", lh.probes or "-"])
+    _print_table(rows, ["layer", "params", "trace", "avg trace", "stderr", "eigenvalue",
+                        "probes"])
+    print(f"\n{args.metric}: {res.hvp_count} Hessian-vector products in {res.seconds:.1f} s on "
+          f"{len(data)} {args.split} samples")
+    return res.to_dict() | {"model": args.model}
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget (give one size target; BOPs/latency need --allocator ilp)")
+    g.add_argument("--target-compression", type=float, default=None,
+                   help="weight compression vs FP32 (e.g. 8 = average 4 bits); default 8")
+    g.add_argument("--target-avg-bits", type=float, default=None, help="average weight bits")
+    g.add_argument("--target-bytes", type=float, default=None, help="quantized weight bytes")
+    g.add_argument("--target-fraction", type=float, default=None,
+                   help="r in [0,1] between all-lowest and all-highest bits (HAWQ-V3)")
+    g.add_argument("--bops", type=float, default=None, dest="bops_limit",
+                   help="BOPs limit in G (MACs x w_bits x a_bits)")
+    g.add_argument("--latency-table", default=None,
+                   help="JSON {layer: {bits: latency}} for --latency-limit")
+    g.add_argument("--latency-limit", type=float, default=None, help="total latency limit")
+    g.add_argument("--bits", type=_bits_list, default=[2, 4, 8],
+                   help="candidate weight bit widths (default 2,4,8)")
+    g.add_argument("--pin-first-last", type=int, default=None, metavar="BITS",
+                   help="keep the first and last layer at BITS (must be in --bits)")
+
+
+def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    from hawq.pipeline import CompressConfig, compress
+
+    cfg = CompressConfig(
+        model=args.model, data_dir=args.data_dir, method=args.method,
+        sensitivity=args.sensitivity, allocator=args.allocator, bits=tuple(args.bits),
+        a_bits=args.a_bits, target_compression=args.target_compression,
+        target_avg_bits=args.target_avg_bits, target_bytes=args.target_bytes,
+        target_fraction=args.target_fraction, bops_limit=args.bops_limit,
+        latency_table=args.latency_table, latency_limit=args.latency_limit,
+        pin_first_last=args.pin_first_last, hessian_samples=args.samples,
+        max_probes=args.max_probes, calib_samples=args.calib_samples,
+        test_samples=args.test_samples, w_clip=args.w_clip, seed=args.seed)
+    res = compress(cfg, out_dir=args.out, progress=True)
+    rows = [[r["name"], r["params"], f"{r['avg_trace']:.3g}" if r["avg_trace"] is not None
+             else "-", r["w_bits"], r["a_bits"]] for r in res.layers]
+    _print_table(rows, ["layer", "params", "avg trace", "w_bits", "a_bits"])
+    b = res.budget
+    print(f"\n{cfg.model} [{cfg.sensitivity} + {cfg.allocator}]: top-1 "
+          f"{100 * res.accuracy:.2f}% (FP32 {100 * res.fp32_accuracy:.2f}%), weights "
+          f"{b['weight_compression']:.2f}x ({b['avg_bits']:.2f} avg bits), model "
+          f"{b['size_bytes'] / 1024:.1f} KiB, {b['bops'] / 1e9:.3f} GBOPs")
+    if args.out:
+        print(f"wrote plan.json, metrics.json, sensitivity.json, frontier.png, layers.png to "
+              f"{args.out}")
+    return res.to_dict()
+
+
+def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from hawq.allocation import pareto_frontier, uniform_points
+    from hawq.io import read_json
+    from hawq.pipeline import CompressConfig, allocate_plan
+    from hawq.plan import BitPlan, LayerSpec, QuantConfig
+
+    sens = read_json(args.sensitivity, "sensitivity file")
+    layers = sens.get("layers") if isinstance(sens, dict) else None
+    if not layers:
+        raise HawqError(f"{args.sensitivity}: expected the JSON of 'hawq analyze' (with 'layers')")
+    names = [lh["name"] for lh in layers]
+    params = np.array([lh["params"] for lh in layers], dtype=float)
+    bits = tuple(sorted(set(args.bits)))
+    model_name = args.model or sens.get("model")
+    if model_name is None:
+        raise HawqError("give --model: the weights are needed for ||Q(W) - W||^2")
+    _, model = _load(argparse.Namespace(model=model_name, data_dir=args.data_dir))
+    import hawq
+    from hawq.sensitivity import omega_matrix, weight_errors
+
+    infos = {i.name: i for i in hawq.layers(model, _example(
+        __import__("hawq.models", fromlist=["get_spec"]).get_spec(model_name), args))}
+    macs = np.array([infos[n].macs for n in names], dtype=float)
+    errors = weight_errors(model, names, bits, QuantConfig(w_clip=args.w_clip))
+    key = "eigenvalue" if sens.get("metric") == "eigen" else "avg_trace"
+    scores = [(lh[key][0] if isinstance(lh[key], list) else lh[key]) for lh in layers]
+    omega = omega_matrix(scores, errors)
+    cfg = CompressConfig(model=model_name, allocator=args.allocator, bits=bits,
+                         target_compression=args.target_compression,
+                         target_avg_bits=args.target_avg_bits, target_bytes=args.target_bytes,
+                         target_fraction=args.target_fraction, bops_limit=args.bops_limit,
+                         latency_table=args.latency_table, latency_limit=args.latency_limit,
+                         pin_first_last=args.pin_first_last, a_bits=args.a_bits)
+    alloc = allocate_plan(cfg, names, params, macs, omega, {"hessian": sens})
+    plan = BitPlan({n: LayerSpec(int(b), args.a_bits) for n, b in zip(names, alloc.bits)})
+    _print_table([[n, int(p), int(b)] for n, p, b in zip(names, params, alloc.bits)],
+                 ["layer", "params", "w_bits"])
+    print(f"\n{alloc.method}: {alloc.avg_bits:.3f} avg bits, {alloc.compression:.2f}x, total "
+          f"Omega {alloc.total_omega:.4g}")
+    if args.plot:
+        from hawq.plots import plot_frontier
+
+        plot_frontier(pareto_frontier(omega, params, np.array(bits), max_points=20000),
+                      args.plot, chosen=alloc, uniform=uniform_points(omega, params, bits))
+        print(f"wrote {args.plot}")
+    return plan.to_dict() | {"allocation": alloc.to_dict()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hawq", description="Hessian-aware mixed-precision "
                                      "quantization for PyTorch models.")
@@ -126,6 +245,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images used to calibrate activation ranges (default 512)")
     p.add_argument("--samples", type=int, default=None, help="limit the test images")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="per-layer Hessian traces / eigenvalues / channel, "
+                       "activation or Fisher traces")
+    _common(p)
+    p.add_argument("--metric", default="trace",
+                   choices=["trace", "eigen", "channel", "activation", "fisher"])
+    p.add_argument("--samples", type=int, default=256, help="data samples (default 256)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative stderr target (trace, default 1e-2) or eigen tolerance (1e-3)")
+    p.add_argument("--max-probes", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=None, help="split data into chunks")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("compress", help="the main job: analyse, allocate bits, quantize, evaluate")
+    _common(p)
+    p.add_argument("--method", default=None, choices=["hawq-v2", "hawq-v1", "ilp"],
+                   help="preset: hawq-v2 = trace Omega + Pareto frontier; hawq-v1 = eigenvalue "
+                        "ordering rule; ilp = integer program over --sensitivity")
+    p.add_argument("--sensitivity", default="hybrid",
+                   choices=["hybrid", "hawq-v2", "hawq-v1", "measured"],
+                   help="how Omega_i(b) is computed (default hybrid: max of the Hessian Omega and "
+                        "the measured single-layer loss increase)")
+    p.add_argument("--allocator", default="ilp", choices=["ilp", "frontier", "v1-rule"])
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits (default 8)")
+    p.add_argument("--samples", type=int, default=256, help="images for the Hessian (256)")
+    p.add_argument("--max-probes", type=int, default=50, help="Hutchinson probes at most (50)")
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--test-samples", type=int, default=None)
+    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--out", default=None, help="directory for plan, metrics, plots")
+    _add_budget_args(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("allocate", help="bit plan from a sensitivity JSON under a budget")
+    p.add_argument("--sensitivity", required=True, help="JSON written by 'hawq analyze --json'")
+    _common(p, model_default=None)
+    p.add_argument("--allocator", default="ilp", choices=["ilp", "frontier", "v1-rule"])
+    p.add_argument("--a-bits", type=int, default=8)
+    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--plot", default=None, help="PNG of the Pareto frontier")
+    _add_budget_args(p)
+    p.set_defaults(func=cmd_allocate)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""From per-layer sensitivities to per-(layer, bit width) costs Omega that allocators minimise.
+
+* ``hawq-v2``: Omega_i(b) = Tr(H_i)/n_i * ||Q_b(W_i) - W_i||^2 (average Hessian trace).
+* ``hawq-v1``: Omega_i(b) = lambda_i * ||Q_b(W_i) - W_i||^2 (top Hessian eigenvalue).
+* any user score s_i: Omega_i(b) = s_i * ||Q_b(W_i) - W_i||^2.
+* measured: Delta L_i(b), the loss increase of quantizing layer i alone (forward passes only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hawq.errors import ConfigError, NumericalError
+from hawq.plan import QuantConfig
+from hawq.quantizers import check_bits, dequantize, is_float, quantize, weight_qparams
+from hawq.surgery import quantizable_layers
+
+
+def _weights(model: nn.Module, names: Sequence[str]) -> list[torch.Tensor]:
+    mods = quantizable_layers(model)
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise ConfigError(f"layers {missing} are not quantizable layers of the model; valid: "
+                          f"{sorted(mods)}")
+    return [mods[n].weight for n in names]
+
+
+def _fq(w: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+    qp = weight_qparams(w.detach(), bits, config.w_symmetric, config.w_per_channel, config.w_clip)
+    return w.detach() if qp is None else dequantize(quantize(w.detach(), qp), qp)
+
+
+def weight_errors(model: nn.Module, names: Sequence[str], bits: Sequence[int],
+                  config: QuantConfig | None = None) -> np.ndarray:
+    """||Q_b(W_i) - W_i||^2 for each layer i in ``names`` and bit width b: an (L, B) array.
+
+    Uses the same weight quantizer as :func:`hawq.quantize_` with ``config``. No forward passes.
+    """
+    config = config or QuantConfig()
+    bits = [check_bits(b, "bits", symmetric=config.w_symmetric) for b in bits]
+    out = np.zeros((len(names), len(bits)))
+    for i, w in enumerate(_weights(model, names)):
+        for j, b in enumerate(bits):
+            if not is_float(b):
+                out[i, j] = float((_fq(w, b, config) - w.detach()).pow(2).sum())
+    return out
+
+
+def omega_matrix(scores: Sequence[float], errors: np.ndarray) -> np.ndarray:
+    """Omega_i(b) = scores_i * errors[i, b] (scores: avg trace, eigenvalue or your own)."""
+    scores = np.asarray(scores, dtype=float).reshape(-1, 1)
+    if scores.shape[0] != errors.shape[0]:
+        raise ConfigError(f"{scores.shape[0]} scores for {errors.shape[0]} layers: give one score "
+                          "per layer")
+    if not np.all(np.isfinite(scores)):
+        raise NumericalError("a sensitivity score is NaN/inf; recompute it with more probes/data")
+    return scores * errors
+
+
+def _pairs(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(data, "tensors"):
+        return data.tensors[0], data.tensors[1]
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    raise ConfigError("data: give a TensorDataset or an (inputs, targets) pair")
+
+
+@torch.no_grad()
+def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
+                           bits: Sequence[int], config: QuantConfig | None = None,
+                           batch_size: int = 256, progress: bool = False,
+                           context: Sequence[int] | None = None) -> np.ndarray:
+    """Delta L_i(b) = L(W with only layer i at b bits) - L(W): an (L, B) array.
+
+    Measured on ``data`` (TensorDataset or (inputs, targets)), mean cross-entropy, model in eval
+    mode, weights only (activations float). With ``context`` (bits per layer of a plan), every
+    other layer is held at its context bits and the base is the context with layer i in float:
+    the cost of layer i *around that plan*, which sees how layers' errors interact.
+    Cost: 1 + L*B' forward passes over ``data`` (L more with ``context``), where B' counts the
+    integer bit widths. The model's weights are restored afterwards.
+    """
+    config = config or QuantConfig()
+    x, y = _pairs(data)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def loss() -> float:
+        total = 0.0
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            total += float(F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="sum"))
+        if not np.isfinite(total):
+            raise NumericalError("loss is NaN/inf while measuring single-layer sensitivities")
+        return total / len(y)
+
+    weights = _weights(model, names)
+    originals = [w.detach().clone() for w in weights]
+    if context is not None and len(context) != len(names):
+        raise ConfigError(f"context has {len(context)} bit widths for {len(names)} layers")
+    out = np.zeros((len(names), len(bits)))
+    try:
+        if context is not None:
+            for w, orig, b in zip(weights, originals, context):
+                w.data.copy_(_fq(orig, int(b), config))
+        base = loss()
+        bar = tqdm(total=len(names) * len(bits), desc="single-layer losses", disable=not progress,
+                   leave=False)
+        for i, w in enumerate(weights):
+            held = w.detach().clone()
+            try:
+                if context is not None:
+                    w.data.copy_(originals[i])
+                    base = loss()
+                for j, b in enumerate(bits):
+                    if not is_float(b):
+                        w.data.copy_(_fq(originals[i], b, config))
+                        out[i, j] = loss() - base
+                    bar.update()
+            finally:
+                w.data.copy_(held)
+        bar.close()
+    finally:
+        for w, orig in zip(weights, originals):
+            w.data.copy_(orig)
+        model.train(was_training)
+    return out

@@ -1,0 +1,77 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hawq
+from hawq.cli import main
+from hawq.errors import BudgetError, ConfigError
+from hawq.pipeline import CompressConfig, compress
+
+
+def test_config_presets_and_validation():
+    cfg = CompressConfig(method="hawq-v1")
+    assert (cfg.sensitivity, cfg.allocator) == ("hawq-v1", "v1-rule")
+    assert CompressConfig().target_compression == 8.0
+    with pytest.raises(ConfigError, match="one size target"):
+        CompressConfig(target_compression=8, target_avg_bits=4)
+    with pytest.raises(ConfigError, match="sensitivity"):
+        CompressConfig(sensitivity="magic")
+
+
+@pytest.mark.parametrize("sensitivity,allocator", [("measured", "ilp"), ("hawq-v2", "frontier"),
+                                                    ("hybrid", "ilp"), ("hawq-v1", "v1-rule")])
+def test_compress_digits_meets_budget(tmp_path, sensitivity, allocator):
+    cfg = CompressConfig(model="digits-cnn", sensitivity=sensitivity, allocator=allocator,
+                         bits=(2, 4, 8), target_compression=8.0, hessian_samples=64,
+                         max_probes=8, calib_samples=128)
+    res = compress(cfg, out_dir=tmp_path)
+    assert res.budget["weight_compression"] >= 8.0 - 1e-9
+    assert 0.0 <= res.accuracy <= 1.0 and res.fp32_accuracy > 0.95
+    assert {r["w_bits"] for r in res.layers} <= {2, 4, 8}
+    for f in ("plan.json", "metrics.json", "sensitivity.json", "layers.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    plan = hawq.BitPlan.from_json(tmp_path / "plan.json")
+    assert [plan.layers[r["name"]].w_bits for r in res.layers] == [r["w_bits"] for r in res.layers]
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == res.accuracy
+
+
+def test_compress_is_deterministic_under_seed():
+    cfg = CompressConfig(model="digits-cnn", sensitivity="hawq-v2", bits=(2, 4, 8),
+                         target_avg_bits=4.0, hessian_samples=64, max_probes=6,
+                         calib_samples=64, test_samples=100)
+    a, b = compress(cfg), compress(cfg)
+    assert a.layers == b.layers and a.accuracy == b.accuracy
+
+
+def test_impossible_budget_names_smallest_feasible():
+    cfg = CompressConfig(model="digits-cnn", sensitivity="measured", bits=(4, 8),
+                         target_compression=16.0, calib_samples=64, test_samples=50)
+    with pytest.raises(BudgetError, match="8"):
+        compress(cfg)
+
+
+def test_cli_compress_and_eval_json(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["compress", "--sensitivity", "measured", "--calib-samples", "64",
+               "--test-samples", "100", "--target-avg-bits", "5", "--bits", "2,4,8",
+               "--out", str(out), "--json", str(tmp_path / "m.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["budget"]["avg_bits"] <= 5.0 + 1e-9
+    assert (out / "plan.json").exists()
+    rc = main(["eval", "--plan", str(out / "plan.json"), "--samples", "100", "--calib-samples",
+               "64", "--json", str(tmp_path / "e.json")])
+    assert rc == 0
+    assert json.loads((tmp_path / "e.json").read_text())["budget"]["avg_bits"] == pytest.approx(
+        data["budget"]["avg_bits"])
+
+
+def test_cli_reports_errors_without_traceback(capsys):
+    assert main(["eval", "--w-bits", "9"]) == 2
+    assert "w_bits=9" in capsys.readouterr().err
+    assert main(["compress", "--bits", "4,8", "--target-compression", "100",
+                 "--sensitivity", "measured", "--test-samples", "20",
+                 "--calib-samples", "32"]) == 2
+    assert "achievable compression is 8x" in capsys.readouterr().err
