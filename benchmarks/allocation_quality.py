@@ -79,7 +79,7 @@ def run_model(name, args, test, calib):
             row[label + " bits"] = [int(b) for b in wb]
         uni = 32.0 / comp
         row["uniform"] = (accuracy(name, args.data_dir, names, [int(uni)] * len(names), test,
-                                   quant) if abs(uni - round(uni)) < 1e-9 and round(uni) in bits
+                                   quant) if abs(uni - round(uni)) < 1e-6 and round(uni) in bits
                           else None)
         rand = []
         for _ in range(args.random_plans):
@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--models", default="resnet20", help="comma list, e.g. resnet20,resnet56")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--bits", default="2,3,4,8")
-    p.add_argument("--compressions", default="6,8,10.6666667,12.8")
+    p.add_argument("--compressions", default="6,8,10.666666666666666,12.8")
     p.add_argument("--hessian-samples", type=int, default=256)
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--probes", type=int, default=20)

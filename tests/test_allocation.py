@@ -431,12 +431,17 @@ def test_hawq_v1_rule():
         assert a.size_bits <= limit and a.method == "hawq-v1"
         more = sens[:, None] > sens[None, :]
         assert not np.any(more & (got[:, None] < got[None, :]))  # the ordering holds
-        # minimal: raising the most recently lowered layer one step would not fit
+        # level sweeps: layers span at most two adjacent levels, or the top level and the one
+        # below it; minimal: raising the most recently lowered layer one step would not fit
         ladder = np.sort(bits)
-        lowered = [i for i in np.lexsort((np.arange(L), sens)) if got[i] < ladder[-1]]
-        if lowered:
-            last = lowered[-1]
-            up = ladder[np.searchsorted(ladder, got[last]) + 1]
+        lev = np.searchsorted(ladder, got)
+        assert lev.max() - lev.min() <= 1 or lev.max() == len(ladder) - 1
+        if lev.min() < len(ladder) - 1:
+            low = lev.min()
+            order = list(np.lexsort((np.arange(L), sens)))
+            at_low = [i for i in order if lev[i] == low]
+            last = at_low[-1]
+            up = ladder[low + 1]
             assert a.size_bits + params[last] * (up - got[last]) > limit
         else:
             assert a.bits == [int(ladder[-1])] * L
@@ -448,7 +453,9 @@ def test_hawq_v1_budget_and_omega():
     a = hawq_v1_allocate(sens, params, bits, Budget("compression", 8),
                          omega=np.ones((3, 3)))
     assert a.compression >= 8 and a.total_omega == 3.0
-    assert a.bits == [8, 2, 4]  # layer 1 (least sensitive) to 2 bits first, then layer 2 to 4
+    assert a.bits == [4, 4, 4]  # one sweep 8 -> 4 (least sensitive first) reaches the budget
+    b = hawq_v1_allocate(sens, params, bits, Budget("compression", 10))
+    assert b.bits == [4, 2, 2]  # second sweep 4 -> 2, least sensitive first, until it fits
     with pytest.raises(BudgetError, match="highest achievable compression is 16x"):
         hawq_v1_allocate(sens, params, bits, Budget("compression", 20))
 

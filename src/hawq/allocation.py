@@ -601,15 +601,13 @@ def hawq_v1_allocate(sensitivity: Any, params: Any, bits: Any, size_limit: float
                      omega: Any = None, fixed_bits: float = 0.0) -> Allocation:
     """HAWQ-V1 relative precision ordering: a more sensitive layer never gets fewer bits.
 
-    ``sensitivity[l]`` is lambda_l / n_l (top Hessian eigenvalue over weight count). Rule: start
-    with every layer at the highest bit width; while the size exceeds ``size_limit`` (bits, or a
-    :class:`Budget`), lower by one step the least sensitive layer that can be lowered without
-    breaking the ordering (ties in sensitivity: lower layer index first). The least sensitive
-    layer above the lowest width can always be lowered, so the rule walks layers in ascending
-    sensitivity, taking each down to the lowest width before touching the next; the result is a
-    prefix at the lowest width, at most one layer in between, and the rest at the highest — the
-    first plan in that sequence that fits. ``omega`` (optional) fills ``total_omega``.
-    Raises :class:`BudgetError` when even the all-lowest plan does not fit.
+    ``sensitivity[l]`` is lambda_l / n_l (top Hessian eigenvalue over weight count). Rule (level
+    sweeps): start with every layer at the highest bit width; sweep the layers in ascending
+    sensitivity (ties: lower index first), lowering each by one step until the size fits
+    ``size_limit`` (bits, or a :class:`Budget`); if a whole sweep is not enough, sweep again one
+    level lower. Every layer moves one step before any moves two, and the ordering holds at every
+    step. ``omega`` (optional) fills ``total_omega``. Raises :class:`BudgetError` when even the
+    all-lowest plan does not fit. Cost: O(L·B) size evaluations.
     """
     n, b = as_params(params), as_bits(bits)
     sens = np.asarray(sensitivity, dtype=float)
@@ -640,10 +638,12 @@ def hawq_v1_allocate(sensitivity: Any, params: Any, bits: Any, size_limit: float
                                                   context="(HAWQ-V1 rule)"))
         raise BudgetError(f"size_limit={format_value(limit)} bits is infeasible: the smallest "
                           f"size (all {_num(b[ladder[0]])}-bit) is {format_value(smallest)} bits")
-    for layer in np.lexsort((np.arange(n.size), sens)):
-        while level[layer] > 0 and not fits(current, limit):
-            level[layer] -= 1
-            current = float(sz[rows, ladder[level]].sum())
+    order = np.lexsort((np.arange(n.size), sens))  # least sensitive first
+    for lvl in range(b.size - 1, 0, -1):  # sweep: every layer one step down before any two
         if fits(current, limit):
             break
+        for layer in order:
+            if level[layer] == lvl and not fits(current, limit):
+                level[layer] -= 1
+                current = float(sz[rows, ladder[level]].sum())
     return _make_allocation(ladder[level], om, n, b, sz, None, None, "hawq-v1", True)
