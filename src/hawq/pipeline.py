@@ -142,7 +142,9 @@ def sensitivity_costs(model: torch.nn.Module, calib: Any, names: list[str], bits
     if sensitivity in ("measured", "hybrid"):
         measured = measured_loss_increase(model, (x, y), names, bits, quant, progress=progress)
         stats["measured"] = measured.tolist()
-        omega = measured if sensitivity == "measured" else np.maximum(omega, measured)
+        # measured losses below zero are noise around 0 at high bits: a cost is never negative
+        omega = (np.maximum(measured, 0.0) if sensitivity == "measured"
+                 else np.maximum(omega, measured))
     stats["omega"] = omega.tolist()
     return omega, stats
 
@@ -232,8 +234,7 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
                                      hessian_samples=cfg.hessian_samples,
                                      max_probes=cfg.max_probes, tol=cfg.tol, seed=cfg.seed,
                                      progress=progress)
-    if cfg.allocator == "v1-rule" and "hessian" not in stats or (
-            cfg.allocator == "v1-rule" and stats["hessian"]["metric"] != "eigen"):
+    if cfg.allocator == "v1-rule" and stats.get("hessian", {}).get("metric") != "eigen":
         from hawq.hessian import analyze
 
         x, y = calib.tensors
