@@ -172,3 +172,22 @@ def test_json_roundtrip(tmp_path):
     res = analyze(mlp(), data((5,)), metric="channel", max_probes=3, tol=0)
     path = res.to_json(tmp_path / "h.json")
     assert HessianResult.from_json(path) == res
+
+
+def test_activation_omega_matches_hand_computation():
+    from hawq.quantizers import dequantize, minmax_qparams, quantize
+    from hawq.sensitivity import activation_errors, activation_omega
+
+    model = mlp()
+    x, y = data((5,), n=16)
+    errs, counts = activation_errors(model, (x, y), ["0", "2"], [2, 4, 8, 32], batch_size=5)
+    a2 = torch.tanh(model[0](x)).detach()
+    for row, a in zip(errs, (x, a2)):
+        for j, b in enumerate([2, 4, 8]):
+            qp = minmax_qparams(a, b, symmetric=False)
+            assert row[j] == pytest.approx(float((dequantize(quantize(a, qp), qp) - a).pow(2).sum()),
+                                           rel=1e-5)
+        assert row[3] == 0.0 and row[0] > row[1] > row[2]
+    assert counts.tolist() == [16 * 5, 16 * 4]
+    om = activation_omega(model, (x, y), ["0", "2"], [2, 4], [2.0, 4.0])
+    assert om == pytest.approx(np.array([2.0 / 80, 4.0 / 64])[:, None] * errs[:, :2])

@@ -130,3 +130,73 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
             w.data.copy_(orig)
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def activation_errors(model: nn.Module, data: Any, names: Sequence[str], bits: Sequence[int],
+                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """||Q_b(a_i) - a_i||^2 of each layer's input activation, summed over ``data``: (L, B).
+
+    The quantizer is the one :func:`hawq.calibrate_` freezes (per tensor, min/max range over
+    the same data; unsigned when the input is never negative). Also returns the number of
+    activation elements per layer (summed over samples), so Tr(H_a)/n_a can be formed.
+    Cost: two forward passes over ``data`` (one for the ranges, one for the errors).
+    """
+    from hawq.quantizers import qparams_from_range
+
+    x, _ = _pairs(data)
+    mods = quantizable_layers(model)
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise ConfigError(f"layers {missing} are not quantizable layers of the model")
+    bits = [check_bits(b, "a_bits") for b in bits]
+    lo = {n: float("inf") for n in names}
+    hi = {n: float("-inf") for n in names}
+    err = {n: np.zeros(len(bits)) for n in names}
+    count = {n: 0 for n in names}
+    device = next(model.parameters()).device
+
+    def observe(name):
+        def hook(_m, inputs):
+            a = inputs[0]
+            lo[name] = min(lo[name], float(a.min()))
+            hi[name] = max(hi[name], float(a.max()))
+        return hook
+
+    def measure(name):
+        def hook(_m, inputs):
+            a = inputs[0].float()
+            count[name] += a.numel()
+            for j, b in enumerate(bits):
+                if not is_float(b):
+                    qp = qparams_from_range(torch.tensor(min(lo[name], 0.0)),
+                                            torch.tensor(hi[name]), b, symmetric=False)
+                    err[name][j] += float((dequantize(quantize(a, qp), qp) - a).pow(2).sum())
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        for make in (observe, measure):
+            hooks = [mods[n].register_forward_pre_hook(make(n)) for n in names]
+            try:
+                for xb in x.split(batch_size):
+                    model(xb.to(device))
+            finally:
+                for h in hooks:
+                    h.remove()
+    finally:
+        model.train(was_training)
+    return (np.stack([err[n] for n in names]), np.array([count[n] for n in names], dtype=float))
+
+
+def activation_omega(model: nn.Module, data: Any, names: Sequence[str], bits: Sequence[int],
+                     activation_traces: Sequence[float]) -> np.ndarray:
+    """HAWQ-V2 activation cost Omega_i(b) = Tr(H_a,i)/n_a,i * ||Q_b(a_i) - a_i||^2: (L, B).
+
+    ``activation_traces`` come from ``hawq.analyze(..., metric="activation")`` on the same data
+    (traces of the summed loss, so errors are summed over the same samples). Cost: see
+    :func:`activation_errors`.
+    """
+    errors, counts = activation_errors(model, data, names, bits)
+    return omega_matrix(np.asarray(activation_traces, dtype=float) / counts, errors)
