@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -196,8 +196,9 @@ def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
     import hawq
     from hawq.sensitivity import omega_matrix, weight_errors
 
-    infos = {i.name: i for i in hawq.layers(model, _example(
-        __import__("hawq.models", fromlist=["get_spec"]).get_spec(model_name), args))}
+    from hawq.models import get_spec
+
+    infos = {i.name: i for i in hawq.layers(model, _example(get_spec(model_name), args))}
     macs = np.array([infos[n].macs for n in names], dtype=float)
     errors = weight_errors(model, names, bits, QuantConfig(w_clip=args.w_clip))
     key = "eigenvalue" if sens.get("metric") == "eigen" else "avg_trace"
@@ -290,8 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_allocate)
     return parser
 
-
-COMMANDS: dict[str, Callable] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
