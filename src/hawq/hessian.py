@@ -1,40 +1,63 @@
-"""Hessian engine: per-layer Hutchinson traces, channel traces, top eigenvalues, activation
-traces and the exact empirical-Fisher trace, all for the mean loss over a dataset.
+"""Hessian engine: per-layer Hutchinson traces, channel traces, top eigenvalues and activation
+traces of the loss over a dataset (HAWQ, HAWQ-V2, channel-wise HAWQ); the exact empirical-Fisher
+trace lives in :mod:`hawq.fisher` and stochastic Lanczos quadrature in :mod:`hawq.hessian_density`.
 
-Speed: the gradient graph is built once per data chunk (one forward + create_graph backward) and
-reused for every Hessian-vector product (one double-backward each). A Hutchinson probe spans
-*all* selected layers at once: v_i · (Hv)_i is an unbiased estimate of Tr(H_ii) for every layer
-i from the same product, so a probe costs one HVP, not one per layer.
+Cost model. ``data`` is split into C chunks (one per batch, or ``batch_size`` pieces of a tensor
+pair). For each chunk the gradient is computed once with ``create_graph=True`` (one forward plus
+one graph-building backward: a *pass*) and that graph is reused for every Hessian-vector product
+(HVP), each one double-backward. With one chunk that is the floor: 1 pass + 1 double-backward per
+product. With several chunks the graphs are kept while their measured size (saved tensors) fits in
+``max_graph_bytes`` (default: half the free memory); chunks that do not fit are rebuilt for every
+product (1 pass + 1 double-backward each). ``HessianResult.passes`` counts graph builds.
 
-Stopping rule: Hutchinson stops when every layer's relative standard error
-(stderr / |mean|) is below ``tol`` (after ``min_probes``), or at ``max_probes``. PyHessian instead
-stops when the running mean of the *total* trace changes by less than ``tol`` relative between
-consecutive probes: that is not an error bound and says nothing about individual layers.
+Hutchinson. A joint probe (``probe_mode="joint"``, the default) is one Rademacher vector v over
+*all* selected layers and one HVP: v_i . (Hv)_i is an unbiased estimate of Tr(H_ii) for every
+layer i from the same product, since E[v_i . H_ij v_j] = 0 for j != i. Its variance is
+2 sum_{a!=b} (H_ii)_ab^2 (Hutchinson's own) plus sum_{j!=i} ||H_ij||_F^2 (the other layers' probe
+entries); the reported standard errors include both. ``probe_mode="layer"`` probes each diagonal
+block alone (one block product H_ii v_i per layer per probe, on the same shared graph), which
+removes the second term at the price of L block products per probe; on small CNNs and ResNet-20
+the cross-layer term is often the larger one (see ``benchmarks/hessian_speed.py``).
+
+Stopping rule: every layer's relative standard error stderr/|mean| <= ``tol`` after
+``min_probes``, or ``max_probes``. PyHessian instead stops when the running mean of the *total*
+trace changes by less than ``tol`` (relative) between consecutive probes: that is no statistical
+error bound (a slowly drifting mean stops it early, and with a negative running trace its
+``/(trace + 1e-6)`` test is always true) and says nothing about single layers.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from hawq.errors import ConfigError, NumericalError, UnsupportedLayerError
+from hawq.errors import ConfigError, DataError, NumericalError, UnsupportedLayerError
 
 METRICS = ("trace", "eigen", "channel", "activation", "fisher")
+DEFAULT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+Batch = tuple[torch.Tensor, Any]
 
 
 @dataclass
 class LayerHessian:
-    """Second-order statistics of one layer (fields that do not apply are None)."""
+    """Second-order statistics of one layer; fields that do not apply are None.
+
+    ``params`` is the weight's element count, except for ``metric="activation"`` where it is
+    the number of input-activation elements summed over all data points (so ``avg_trace`` is
+    the per-element average in both cases). ``stderr`` is the Monte-Carlo standard error of
+    ``trace``; ``probes`` the number of Rademacher probes used.
+    """
 
     name: str
     params: int
@@ -48,12 +71,15 @@ class LayerHessian:
 
 @dataclass
 class HessianResult:
-    """What :func:`analyze` measured; serialises to JSON (``version`` 1)."""
+    """What :func:`analyze` measured. ``hvp_count`` counts Hessian-vector products over the whole
+    data (block products for ``eigen``), ``passes`` graph-building passes over chunks."""
 
     metric: str
     layers: list[LayerHessian] = field(default_factory=list)
     hvp_count: int = 0
     seconds: float = 0.0
+    samples: int = 0
+    passes: int = 0
     version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,11 +87,20 @@ class HessianResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HessianResult":
-        d = dict(d)
-        d["layers"] = [LayerHessian(**lh) for lh in d.get("layers", [])]
-        return cls(**d)
+        if not isinstance(d, dict) or d.get("version", 1) != 1 or "metric" not in d:
+            raise DataError("not a version-1 Hessian result (need a dict with 'metric' and "
+                            f"'version': 1); got {str(d)[:80]!r}")
+        known = {f.name for f in fields(cls)}
+        lf = {f.name for f in fields(LayerHessian)}
+        try:
+            layers = [LayerHessian(**{k: v for k, v in lh.items() if k in lf})
+                      for lh in d.get("layers", [])]
+        except TypeError as exc:
+            raise DataError(f"malformed layer entry in Hessian result: {exc}") from exc
+        return cls(**{k: v for k, v in d.items() if k in known and k != "layers"}, layers=layers)
 
     def to_json(self, path: str | os.PathLike) -> Path:
+        """Write as JSON atomically (temporary file + rename); returns the path."""
         from hawq.io import write_json
 
         return write_json(path, self.to_dict())
@@ -77,299 +112,611 @@ class HessianResult:
         return cls.from_dict(read_json(path, "Hessian result"))
 
 
-def select_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the layers to analyse: ``layers`` or every Conv/Linear layer."""
-    from hawq.surgery import quantizable_layers
+def select_layers(model: nn.Module, layers: Sequence[str] | None = None
+                  ) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the layers to analyse, in ``named_modules`` order.
 
-    mods = quantizable_layers(model)
+    Default: every Conv1d/Conv2d/Linear (and registered quantizable type); ``layers`` may name
+    any submodule with a ``weight`` parameter. Raises ConfigError listing the valid names.
+    """
+    from hawq.qmodules import is_quantizable
+
+    weighted = {n: m for n, m in model.named_modules()
+                if n and isinstance(getattr(m, "weight", None), nn.Parameter)}
     if layers is None:
-        return list(mods.items())
-    missing = [n for n in layers if n not in mods]
-    if missing:
-        raise ConfigError(f"layers {missing} are not Conv/Linear layers of the model; valid "
-                          f"names: {sorted(mods)}")
-    return [(n, mods[n]) for n in layers]
+        out = [(n, m) for n, m in weighted.items()
+               if isinstance(m, DEFAULT_TYPES) or is_quantizable(m)]
+        if not out:
+            raise ConfigError("the model has no Conv1d/Conv2d/Linear submodule: pass layers=[...] "
+                              f"naming modules with a weight; valid names: {sorted(weighted)}")
+        return out
+    if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+        raise ConfigError(f"layers={layers!r}: give a list of module names, e.g. [{layers!r}]")
+    missing = [n for n in layers if n not in weighted]
+    if missing or not layers or len(set(layers)) != len(layers):
+        why = f"{missing} are not modules with a weight" if missing else "empty or has duplicates"
+        raise ConfigError(f"layers={list(layers)}: {why}; valid names: {sorted(weighted)}")
+    return [(n, weighted[n]) for n in layers]
 
 
-def _chunks(data: Any, batch_size: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(data, "tensors"):
-        data = data.tensors[:2]
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if batch_size is None:
-            return [(x, y)]
-        return list(zip(x.split(batch_size), y.split(batch_size)))
-    return [(b[0], b[1]) for b in data]
+def as_batches(data: Any, batch_size: int | None = None) -> list[Batch]:
+    """``data`` as a list of (inputs, targets) chunks: a tensor pair or TensorDataset (split by
+    ``batch_size`` when given) or any iterable of (x, y) batches (held in memory)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ConfigError(f"batch_size={batch_size!r}: give a positive integer or None")
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = tuple(data.tensors[:2])
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        if len(data[0]) != len(data[1]):
+            raise ConfigError(f"data: {len(data[0])} inputs but {len(data[1])} targets")
+        batches = [(data[0], data[1])]
+    else:
+        try:
+            items = list(data)
+        except TypeError as exc:
+            raise ConfigError(f"data of type {type(data).__name__}: give (inputs, targets) "
+                              "tensors or an iterable of (x, y) batches such as a DataLoader"
+                              ) from exc
+        batches = []
+        for i, b in enumerate(items):
+            if not (isinstance(b, (tuple, list)) and len(b) >= 2 and isinstance(b[0], torch.Tensor)):
+                raise ConfigError(f"data batch {i} is a {type(b).__name__}: each batch must be an "
+                                  "(inputs, targets) pair")
+            batches.append((b[0], b[1]))
+    if batch_size is not None:
+        batches = [pair for x, y in batches for pair in zip(x.split(batch_size), y.split(batch_size))]
+    batches = [b for b in batches if b[0].shape[0] > 0]
+    if not batches:
+        raise DataError("data holds no samples: give at least one (inputs, targets) batch")
+    return batches
 
 
-class _HVP:
-    """Hessian-vector products of the mean loss, graphs built once per chunk and reused."""
+def _reduction(criterion: Callable) -> str:
+    red = getattr(criterion, "reduction", "mean")
+    if red not in ("mean", "sum"):
+        raise ConfigError(f"criterion reduction={red!r}: use reduction='mean' (or 'sum') so each "
+                          "batch gives a scalar loss")
+    return red
 
-    def __init__(self, model: nn.Module, params: list[torch.Tensor], data: Any,
-                 criterion: Callable, batch_size: int | None, names: list[str]):
-        self.params = params
-        self.count = 0
-        self.chunks = _chunks(data, batch_size)
-        if not self.chunks:
-            raise ConfigError("data is empty: give at least one batch")
-        total = sum(len(y) for _, y in self.chunks)
-        device = params[0].device
-        self.grads: list[tuple[torch.Tensor, ...]] = []
-        self.weights: list[float] = []
-        for k, (x, y) in enumerate(self.chunks):
-            loss = criterion(model(x.to(device)), y.to(device))
-            if not torch.isfinite(loss):
-                raise NumericalError(f"loss is {loss.item()} at batch {k}: check the model and "
-                                     "data (NaN/inf inputs, a diverged model)")
-            g = torch.autograd.grad(loss, params, create_graph=True)
-            self.grads.append(g)
-            self.weights.append(len(y) / total)
-        self.names = names
 
-    def __call__(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """H v for v given per parameter (one double-backward per chunk)."""
-        out = [torch.zeros_like(p) for p in self.params]
-        for g, wt in zip(self.grads, self.weights):
+def _free_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4.0 * 2**30
+
+
+class _SavedBytes:
+    """Counts the distinct storages autograd saves while a graph is built (its memory)."""
+
+    def __init__(self) -> None:
+        self.total, self.seen = 0, set()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            s = t.untyped_storage()
+            key, size = (s.data_ptr(), str(t.device)), s.nbytes()
+        except (RuntimeError, NotImplementedError):  # storage-less tensor subclasses
+            key, size = (id(t), "?"), t.numel() * t.element_size()
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += size
+        return t
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+class _Inspector:
+    """Maps autograd nodes to the module whose forward made them ("in or just before") and
+    checks that custom autograd Functions return differentiable gradients: torch silently drops
+    their second-order terms otherwise (``@once_differentiable`` included), giving wrong HVPs."""
+
+    def __init__(self, model: nn.Module):
+        self.owner: dict[Any, str] = {}
+        self.order: dict[str, int] = {}
+        self.bad: list[tuple[str, str]] = []
+        self.handles = [m.register_forward_hook(self._on_forward(n))
+                        for n, m in model.named_modules() if n]
+
+    def _on_forward(self, name: str) -> Callable:
+        def hook(_m: nn.Module, _inputs: Any, out: Any) -> None:
+            self.order.setdefault(name, len(self.order))
+            for t in _tensors(out):
+                self._claim(t.grad_fn, name)
+        return hook
+
+    def _claim(self, root: Any, name: str) -> None:
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if node is None or node in self.owner:
+                continue
+            self.owner[node] = name
+            stack.extend(n for n, _ in node.next_functions)
+
+    def watch(self, loss: torch.Tensor) -> None:
+        """Stop recording modules; hook every custom Function node of the loss's graph."""
+        self.remove()
+        self._claim(loss.grad_fn, "<loss>")
+        for node, where in self.owner.items():
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                op = type(node).__name__.removesuffix("Backward")
+                self.handles.append(node.register_hook(self._check(op, where)))
+
+    def _check(self, op: str, where: str) -> Callable:
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            if not any(isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs):
+                return
+            for g in grad_inputs:
+                if not isinstance(g, torch.Tensor):
+                    continue
+                if (type(g.grad_fn).__name__ in ("Error", "DelayedError")
+                        or (not g.requires_grad and bool(g.detach().ne(0).any()))):
+                    self.bad.append((op, where))
+                    return
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def custom_ops(self) -> list[tuple[str, str]]:
+        return [(type(n).__name__.removesuffix("Backward"), w) for n, w in self.owner.items()
+                if isinstance(n, torch.autograd.function.BackwardCFunction)]
+
+
+class _Graph(NamedTuple):
+    grads: tuple  # d loss / d wrt, built with create_graph=True (None where unused)
+    wrt: list[torch.Tensor]  # the layer weights, or per-chunk activation perturbations
+    owner: list[int]  # layer index of each wrt tensor
+
+
+class HessianOperator:
+    """Hessian-vector products of the loss over ``batches`` w.r.t. the weights of ``mods``
+    (``target="weights"``: Hessian of the mean loss over all samples) or w.r.t. each layer's
+    input activation (``"activations"``: Hessian of the summed loss; block-diagonal over
+    samples). Builds chunk 0 on construction; see the module docstring for the caching rule."""
+
+    def __init__(self, model: nn.Module, mods: list[tuple[str, nn.Module]], batches: list[Batch],
+                 criterion: Callable, target: str = "weights",
+                 max_graph_bytes: float | None = None):
+        self.model, self.mods, self.batches, self.criterion = model, mods, batches, criterion
+        self.names = [n for n, _ in mods]
+        self.params = [m.weight for _, m in mods]
+        self.activations = target == "activations"
+        self.device = self.params[0].device
+        n = [b[0].shape[0] for b in batches]
+        self.samples = sum(n)
+        red = _reduction(criterion)
+        if self.activations:  # the summed loss: scale a batch mean back to a sum
+            self.scale = [float(k) if red == "mean" else 1.0 for k in n]
+        else:  # the mean loss over all samples
+            self.scale = [k / self.samples if red == "mean" else 1.0 / self.samples for k in n]
+        self.act_elems = np.zeros(len(mods), dtype=np.int64)
+        self._counted: set[int] = set()
+        self.hvp_count = 0
+        self.passes = 0
+        self.custom: list[tuple[str, str]] = []
+        self.order: dict[str, int] = {}
+        self.cache: dict[int, _Graph] = {}
+        counter = _SavedBytes() if len(batches) > 1 else None
+        first = self._build(0, inspect=True, counter=counter)
+        self.n_cached = len(batches)
+        if counter is not None:
+            budget = 0.5 * _free_bytes(self.device) if max_graph_bytes is None else max_graph_bytes
+            est = [counter.total * k / n[0] for k in n]
+            self.n_cached, used = 0, 0.0
+            for k in range(len(batches)):  # keep a prefix; room for one rebuilt graph at a time
+                if used + est[k] + max(est[k + 1:], default=0.0) > budget:
+                    break
+                used += est[k]
+                self.n_cached += 1
+        if self.n_cached > 0:
+            self.cache[0] = first
+
+    def _build(self, k: int, inspect: bool = False, counter: _SavedBytes | None = None) -> _Graph:
+        x, y = self.batches[k]
+        x = x.to(self.device)
+        y = y.to(self.device) if isinstance(y, torch.Tensor) else y
+        deltas: list[torch.Tensor] = []
+        owner: list[int] = []
+        handles = []
+        if self.activations:
+            for i, (name, m) in enumerate(self.mods):
+                handles.append(m.register_forward_pre_hook(self._perturb(i, name, deltas, owner)))
+        insp = _Inspector(self.model) if inspect else None
+        saving = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
+                  if counter is not None else contextlib.nullcontext())
+        try:
+            with torch.enable_grad(), saving:
+                loss = self.criterion(self.model(x), y)
+                if loss.dim() != 0:
+                    raise ConfigError(f"criterion returned shape {tuple(loss.shape)}: it must "
+                                      "return a scalar (reduction='mean' or 'sum')")
+                if not bool(torch.isfinite(loss)):
+                    raise NumericalError(f"loss is {loss.item()} at batch {k}: check that batch "
+                                         "for NaN/inf inputs and the model for diverged weights")
+                if insp is not None:
+                    insp.watch(loss)
+                wrt = deltas if self.activations else self.params
+                grads = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+            if insp is not None:
+                insp.remove()
+        self.passes += 1
+        if insp is not None:
+            self.custom, self.order = insp.custom_ops(), insp.order
+            if insp.bad:
+                op, where = insp.bad[0]
+                self._unsupported(f"custom autograd Function '{op}' (in or just before module "
+                                  f"'{where}') returns a gradient that cannot be differentiated "
+                                  "again (once_differentiable or a detached backward), so its "
+                                  "second-order terms would be silently dropped", where)
+        if self.activations and k not in self._counted:
+            self._counted.add(k)
+            np.add.at(self.act_elems, owner, [d.numel() for d in deltas])
+            if set(owner) != set(range(len(self.mods))):
+                lost = [self.names[i] for i in range(len(self.mods)) if i not in set(owner)]
+                raise ConfigError(f"layers {lost} were not called in the forward pass; "
+                                  "exclude them with layers=[...]")
+        return _Graph(grads, list(wrt), owner if self.activations else list(range(len(wrt))))
+
+    @staticmethod
+    def _perturb(i: int, name: str, deltas: list, owner: list) -> Callable:
+        def hook(_m: nn.Module, inputs: tuple) -> tuple:
+            a = inputs[0]
+            if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
+                raise UnsupportedLayerError(f"layer {name!r}: input is not a float tensor, so it "
+                                            "has no activation Hessian; exclude it with layers=")
+            d = torch.zeros_like(a, requires_grad=True)  # H w.r.t. d at 0 == H w.r.t. a
+            deltas.append(d)
+            owner.append(i)
+            return (a + d, *inputs[1:])
+        return hook
+
+    def _unsupported(self, what: str, where: str | None = None) -> None:
+        pos = self.order.get(where, None) if where else None
+        safe = [n for n in self.names if pos is not None and self.order.get(n, -1) > pos]
+        hint = (f"analyse only the layers after it, layers={safe}, or" if safe else "")
+        raise UnsupportedLayerError(f"{what}. Fix: {hint} give the operation a twice-"
+                                    "differentiable backward, or exclude the affected layers "
+                                    f"with layers=[...] (selected: {self.names})")
+
+    def graph(self, k: int) -> _Graph:
+        """Chunk k's gradient graph: cached, or rebuilt (one pass) when it does not fit."""
+        if k in self.cache:
+            return self.cache[k]
+        g = self._build(k)
+        if k < self.n_cached:
+            self.cache[k] = g
+        return g
+
+    def chunk_hvp(self, g: _Graph, vs: Sequence[torch.Tensor], idx: Sequence[int] | None = None,
+                  batched: bool = False) -> list[torch.Tensor]:
+        """H_k v for one chunk's graph, one double-backward. ``idx`` restricts v and the result
+        to those wrt tensors (v zero elsewhere, only that block of Hv read: H_II v_I)."""
+        idx = range(len(g.wrt)) if idx is None else idx
+        pairs = [(g.grads[j], v) for j, v in zip(idx, vs)
+                 if g.grads[j] is not None and g.grads[j].requires_grad]
+        inputs = [g.wrt[j] for j in idx]
+        out: Sequence[torch.Tensor | None] = [None] * len(inputs)
+        if pairs:
             try:
-                hv = torch.autograd.grad(g, self.params, vs, retain_graph=True,
-                                         allow_unused=True)
+                out = torch.autograd.grad([p for p, _ in pairs], inputs, [v for _, v in pairs],
+                                          retain_graph=True, allow_unused=True,
+                                          is_grads_batched=batched)
             except RuntimeError as exc:
-                raise UnsupportedLayerError(
-                    f"double backward failed ({exc}); an operation in the model does not support "
-                    "second derivatives: exclude the layers around it with layers=[...]") from exc
-            for o, h in zip(out, hv):
-                if h is not None:
-                    o.add_(h, alpha=wt)
-        self.count += 1
+                if batched:
+                    raise
+                ops = ", ".join(f"{o} in '{w}'" for o, w in self.custom) or "none found"
+                self._unsupported(f"double backward failed ({exc}); custom autograd Functions "
+                                  f"in the graph: {ops}")
+        return [torch.zeros_like(v) if h is None else h for h, v in zip(out, vs)]
+
+    def hvp(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """H v of the mean loss w.r.t. the weights, summed over chunks (C double-backwards)."""
+        out = [torch.zeros_like(v) for v in vs]
+        for k in range(len(self.batches)):
+            for o, h in zip(out, self.chunk_hvp(self.graph(k), vs)):
+                o.add_(h, alpha=self.scale[k])
+        self.hvp_count += 1
         return out
 
-    def block(self, i: int, v: torch.Tensor) -> torch.Tensor:
-        """H_ii v for layer i alone (differentiates only g_i)."""
-        out = torch.zeros_like(self.params[i])
-        for g, wt in zip(self.grads, self.weights):
-            (h,) = torch.autograd.grad(g[i], self.params[i], v, retain_graph=True)
-            out.add_(h, alpha=wt)
-        self.count += 1
+    def block_hvp(self, i: int, v: torch.Tensor) -> torch.Tensor:
+        """H_ii v for weight layer i alone (differentiates only g_i, so the double-backward
+        runs from layer i to the loss: cheaper for later layers). One block product."""
+        out = torch.zeros_like(v)
+        for k in range(len(self.batches)):
+            out.add_(self.chunk_hvp(self.graph(k), [v], [i])[0], alpha=self.scale[k])
+        self.hvp_count += 1
         return out
 
+    def probe(self, gen: torch.Generator, n: int, channel: bool = False,
+              vectorized: bool = False, mode: str = "joint",
+              active: Sequence[bool] | None = None) -> list[torch.Tensor]:
+        """``n`` Hutchinson probes: per layer a float64 (n, C) tensor of sum v*(Hv) over each
+        output channel (C = dim 0 of the weight; C = 1 unless ``channel``). Rows summed over C
+        are unbiased samples of Tr(H_ii). ``mode="joint"``: one HVP per probe for all layers
+        (n HVPs; ``vectorized`` does them in one batched double-backward); ``"layer"``: one
+        block product H_ii v_i per layer per probe (n block products per ``active`` layer,
+        lower variance); inactive layers get zeros."""
+        L = len(self.mods)
+        acc: list[torch.Tensor | None] = [None] * L
+        vs: list[torch.Tensor] = []
+        for k in range(len(self.batches)):
+            g = self.graph(k)
+            if self.activations or k == 0:  # activations: each chunk has its own vectors
+                sizes = [w.numel() for w in g.wrt]
+                flat = torch.randint(0, 2, (n, sum(sizes)), generator=gen, dtype=torch.int8)
+                flat = flat.to(device=self.device, dtype=g.wrt[0].dtype).mul_(2).sub_(1)
+                vs = [f.view(n, *w.shape) for f, w in zip(flat.split(sizes, 1), g.wrt)]
+            groups = ([list(range(len(g.wrt)))] if mode == "joint" else
+                      [[j for j, o in enumerate(g.owner) if o == i] for i in range(L)
+                       if active is None or active[i]])
+            for idx in groups:
+                hv = None
+                if vectorized and n > 1:
+                    try:
+                        hv = self.chunk_hvp(g, [vs[j] for j in idx], idx, batched=True)
+                    except RuntimeError as exc:
+                        warnings.warn(f"batched probes unsupported here ({str(exc)[:120]}); "
+                                      "falling back to one probe at a time", stacklevel=2)
+                        vectorized = False
+                if hv is None:
+                    rows = [self.chunk_hvp(g, [vs[j][p] for j in idx], idx) for p in range(n)]
+                    hv = [torch.stack(r) for r in zip(*rows)]
+                for j, h in zip(idx, hv):
+                    v = vs[j]
+                    prod = (v * h).reshape(n, v.shape[1] if channel else 1, -1)
+                    prod = prod.sum(-1, dtype=torch.float64) * self.scale[k]
+                    i = g.owner[j]
+                    acc[i] = prod if acc[i] is None else acc[i] + prod
+        self.hvp_count += n if mode == "joint" else n * (L if active is None else int(sum(active)))
+        return [a.cpu() if a is not None else torch.zeros(n, 1, dtype=torch.float64) for a in acc]
 
-def _rademacher(shape: torch.Size, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    return (torch.randint(0, 2, shape, generator=gen).to(like) * 2 - 1)
+
+@dataclass
+class TraceEstimate:
+    """Hutchinson result per layer: mean, standard error, probes used, channel means, and the
+    raw samples (one array per layer)."""
+
+    mean: np.ndarray
+    stderr: np.ndarray
+    probes: np.ndarray
+    channels: list[np.ndarray] | None
+    samples: list[np.ndarray]
 
 
-def hutchinson(op: _HVP, gen: torch.Generator, tol: float, max_probes: int, min_probes: int,
-               progress: bool, channel: bool) -> tuple[np.ndarray, np.ndarray, int, list]:
-    """Per-layer Hutchinson samples; returns (mean, stderr, probes, channel means)."""
-    L = len(op.params)
-    samples = []
-    ch_sum = [torch.zeros(p.shape[0], dtype=torch.float64) for p in op.params] if channel else []
+def hutchinson(op: HessianOperator, gen: torch.Generator, tol: float = 1e-2,
+               max_probes: int = 200, min_probes: int = 4, channel: bool = False,
+               probe_batch: int = 1, vectorized: bool = False, mode: str = "joint",
+               progress: bool = False) -> TraceEstimate:
+    """Per-layer Hutchinson traces (see :meth:`HessianOperator.probe` for the two modes).
+
+    ``mode="joint"``: every probe is one HVP that samples all layers; runs until every layer's
+    stderr <= tol * |mean| (after ``min_probes``; never if tol == 0) or ``max_probes``. Cost:
+    probes HVPs. ``mode="layer"``: each layer is probed with its own block product and stops on
+    its own by the same rule, so converged layers cost nothing more. Cost: sum over layers of
+    probes_i block products. The rule is checked every ``probe_batch`` probes.
+    """
+    L = len(op.mods)
+    rows: list[list[np.ndarray]] = [[] for _ in range(L)]
+    ch_sum: list[np.ndarray | None] = [None] * L
+    active = np.ones(L, dtype=bool)
     bar = tqdm(total=max_probes, desc="Hutchinson probes", disable=not progress, leave=False)
-    for k in range(max_probes):
-        vs = [_rademacher(p.shape, gen, p) for p in op.params]
-        hv = op(vs)
-        prods = [(v * h) for v, h in zip(vs, hv)]
-        samples.append([float(pr.sum()) for pr in prods])
-        if channel:
-            for i, pr in enumerate(prods):
-                ch_sum[i] += pr.reshape(pr.shape[0], -1).sum(1).double().cpu()
-        bar.update()
-        if k + 1 >= max(min_probes, 2) and tol > 0:
-            arr = np.array(samples)
-            mean = arr.mean(0)
-            se = arr.std(0, ddof=1) / math.sqrt(len(arr))
-            if np.all(se <= tol * np.abs(mean)):
+    done = 0
+    while done < max_probes and active.any():
+        n = min(probe_batch, max_probes - done)
+        per = op.probe(gen, n, channel, vectorized, mode, active if mode == "layer" else None)
+        for i in np.flatnonzero(active) if mode == "layer" else range(L):
+            s = per[i].sum(1).numpy()
+            if not np.all(np.isfinite(s)):
+                raise NumericalError(
+                    f"Hessian-vector product is not finite for layer {op.names[i]!r} at probe "
+                    f"{done + int(np.argmin(np.isfinite(s)))}: check for overflowing activations "
+                    "or exclude the layer with layers=[...]")
+            rows[i].append(s)
+            t = per[i].sum(0).numpy()
+            ch_sum[i] = t if ch_sum[i] is None else ch_sum[i] + t
+        done += n
+        bar.update(n)
+        if tol > 0 and done >= max(min_probes, 2):
+            arr = [np.concatenate(r) for r in rows]
+            conv = np.array([a.std(ddof=1) / math.sqrt(len(a)) <= tol * abs(a.mean())
+                             for a in arr])
+            bar.set_postfix(converged=f"{int(conv.sum())}/{L}")
+            if mode == "layer":
+                active &= ~conv
+            elif conv.all():
                 break
     bar.close()
-    arr = np.array(samples).reshape(-1, L)
-    n = len(arr)
-    se = arr.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(L, np.nan)
-    ch = [(c / n).tolist() for c in ch_sum] if channel else []
-    return arr.mean(0), se, n, ch
+    arr = [np.concatenate(r) for r in rows]
+    counts = np.array([len(a) for a in arr])
+    se = np.array([a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else np.nan for a in arr])
+    chans = [c / k for c, k in zip(ch_sum, counts)] if channel else None
+    mean = np.array([c.sum() for c in chans]) if chans is not None else np.array(
+        [a.mean() for a in arr])
+    return TraceEstimate(mean, se, counts, chans, arr)
 
 
-def power_iteration(op: _HVP, i: int, gen: torch.Generator, k: int, tol: float,
-                    max_iter: int) -> list[float]:
-    """Top-k (largest magnitude) eigenvalues of H_ii with deflation."""
+def power_iteration(op: HessianOperator, i: int, gen: torch.Generator, k: int = 1,
+                    tol: float = 1e-3, max_iter: int = 100) -> list[float]:
+    """Top-k largest-magnitude eigenvalues of the diagonal block H_ii (power iteration, each
+    later one on the block with earlier eigenvectors projected out). Stops an eigenvalue when
+    its Rayleigh quotient changes by <= tol relative. Cost: <= k * max_iter block HVPs."""
     p = op.params[i]
     vecs: list[torch.Tensor] = []
     vals: list[float] = []
+
+    def project(t: torch.Tensor) -> torch.Tensor:
+        for u in vecs:
+            t = t - (t * u).sum() * u
+        return t
+
     for _ in range(k):
-        v = torch.randn(p.shape, generator=gen).to(p)
-        v /= v.norm()
-        lam = None
+        v = project(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p))
+        v = v / v.norm()
+        lam: float | None = None
         for _ in range(max_iter):
-            for u in vecs:
-                v = v - (v * u).sum() * u
-            v = v / v.norm()
-            hv = op.block(i, v)
-            for u, lu in zip(vecs, vals):
-                hv = hv - lu * (u * v).sum() * u
-            new = float((hv * v).sum())
+            hv = project(op.block_hvp(i, v))
+            new = float((hv.double() * v.double()).sum())
+            if not math.isfinite(new):
+                raise NumericalError(f"power iteration for layer {op.names[i]!r} produced {new}")
             norm = hv.norm()
             if norm == 0:
                 lam = 0.0
                 break
             v = hv / norm
-            if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-30):
-                lam = new
-                break
+            converged = lam is not None and abs(new - lam) <= tol * abs(new)
             lam = new
+            if converged:
+                break
         vecs.append(v.detach())
         vals.append(float(lam))
     return vals
 
 
-def activation_traces(model: nn.Module, mods: list[tuple[str, nn.Module]], data: Any,
-                      criterion_sum: Callable, gen: torch.Generator, tol: float,
-                      max_probes: int, min_probes: int, batch_size: int | None,
-                      progress: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Hutchinson traces of the summed loss's Hessian w.r.t. each layer's input activation."""
-    chunks = _chunks(data, batch_size)
-    total_mean = np.zeros(len(mods))
-    total_var = np.zeros(len(mods))
-    probes_used = 0
-    hvps = 0
-    device = next(model.parameters()).device
-    for ci, (x, y) in enumerate(chunks):
-        acts: list[torch.Tensor] = []
-
-        def pre(_m, inputs):
-            a = inputs[0]
-            if not a.requires_grad:
-                a = a.detach().requires_grad_(True)
-            acts.append(a)
-            return (a, *inputs[1:])
-
-        hooks = [m.register_forward_pre_hook(pre) for _, m in mods]
-        try:
-            loss = criterion_sum(model(x.to(device)), y.to(device))
-        finally:
-            for h in hooks:
-                h.remove()
-        if not torch.isfinite(loss):
-            raise NumericalError(f"loss is {loss.item()} at batch {ci}")
-        grads = torch.autograd.grad(loss, acts, create_graph=True)
-        samples = []
-        for k in range(max_probes):
-            vs = [_rademacher(a.shape, gen, a) for a in acts]
-            hv = torch.autograd.grad(grads, acts, vs, retain_graph=True, allow_unused=True)
-            hvps += 1
-            samples.append([0.0 if h is None else float((v * h).sum()) for v, h in zip(vs, hv)])
-            if k + 1 >= max(min_probes, 2) and tol > 0:
-                arr = np.array(samples)
-                if np.all(arr.std(0, ddof=1) / math.sqrt(len(arr)) <= tol * np.abs(arr.mean(0))):
-                    break
-        arr = np.array(samples)
-        total_mean += arr.mean(0)
-        if len(arr) > 1:
-            total_var += arr.var(0, ddof=1) / len(arr)
-        probes_used = max(probes_used, len(arr))
-    return total_mean, np.sqrt(total_var), probes_used, hvps
+@contextlib.contextmanager
+def _grad_setup(model: nn.Module, need: list[torch.Tensor], freeze_rest: bool) -> Iterator[None]:
+    """Eval mode and requires_grad on ``need`` (others off if ``freeze_rest``); restored after."""
+    was_training = model.training
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        if freeze_rest:
+            for p, _ in saved:
+                p.requires_grad_(False)
+        for p in need:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, rg in saved:
+            p.requires_grad_(rg)
+        model.train(was_training)
 
 
-def fisher_traces(model: nn.Module, mods: list[tuple[str, nn.Module]], data: Any,
-                  criterion: Callable, batch_size: int | None) -> np.ndarray:
-    """Exact empirical-Fisher trace per layer: mean over samples of ||grad_i loss_s||^2."""
-    from torch.func import functional_call, grad, vmap
-
-    names = [n + ".weight" for n, _ in mods]
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-    sel = {k: params[k] for k in names}
-
-    def loss_one(p, x, y):
-        out = functional_call(model, ({**params, **p}, buffers), (x.unsqueeze(0),))
-        return criterion(out, y.unsqueeze(0))
-
-    per = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    sums = np.zeros(len(names))
-    n = 0
-    device = next(model.parameters()).device
-    for x, y in _chunks(data, batch_size or 64):
-        g = per(sel, x.to(device), y.to(device))
-        sums += np.array([float(g[k].pow(2).sum()) for k in names])
-        n += len(y)
-    return sums / n
+def _check_int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{name}={value!r}: give an integer >= {lo}")
+    return value
 
 
 def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
             metric: str = "trace", layers: Sequence[str] | None = None, seed: int = 0,
             tol: float | None = None, max_probes: int = 200, min_probes: int = 4,
             top_k: int = 1, max_iter: int = 100, batch_size: int | None = None,
-            progress: bool = False) -> HessianResult:
-    """Per-layer second-order sensitivity of ``model`` on ``data``.
+            probe_batch: int = 1, vectorized: bool = False, probe_mode: str = "joint",
+            max_graph_bytes: float | None = None, progress: bool = False) -> HessianResult:
+    """Per-layer second-order sensitivity of ``model`` on ``data``; returns a HessianResult.
 
-    ``data``: (inputs, targets), a TensorDataset or an iterable of (x, y) batches; the loss is
-    the mean of ``criterion`` (default cross-entropy) over all samples; model in eval mode.
-    Metrics and costs (C = number of data chunks, one graph-building pass first):
+    ``data``: (inputs, targets) tensors, a TensorDataset, or an iterable of (x, y) batches;
+    ``criterion`` (default cross-entropy, reduction 'mean' or 'sum'); the model runs in eval mode
+    (restored after). ``layers``: module names (default every Conv/Linear weight). Same ``seed``
+    gives identical results (a private torch.Generator; the global RNG is untouched).
+    Metrics and costs (P probes, C chunks; "pass" = forward + graph-building backward of a chunk):
 
-    * ``"trace"``: Hutchinson Tr(H_ii) per layer; one HVP (C double-backwards) per probe for all
-      layers; stops when every layer's stderr/|trace| < tol (default 1e-2) or at max_probes.
-    * ``"channel"``: the same plus per-output-channel traces (they sum to the layer trace).
-    * ``"eigen"``: top-``top_k`` eigenvalues of each H_ii by power iteration (tol default
-      1e-3, max_iter); one block HVP per layer per iteration.
-    * ``"activation"``: trace of the Hessian of the *summed* loss w.r.t. each layer's input
-      activation (block-diagonal over samples, so this is the sum over data points).
-    * ``"fisher"``: exact empirical-Fisher trace from per-sample gradients (no probes, no HVP;
-      one vmapped backward per chunk of 64).
+    * ``"trace"``: Hutchinson Tr(H_ii) of the mean loss per layer, with stderr and avg_trace =
+      trace / params. One HVP (C double-backwards) per probe for all layers; C passes when the
+      graphs fit in ``max_graph_bytes``. Stops when every layer's stderr/|trace| <= ``tol``
+      (default 1e-2) after ``min_probes``, or at ``max_probes``; tol=0 runs all max_probes.
+      Negative estimates are reported as they are.
+    * ``"channel"``: the same plus channel_traces per output channel (dim 0), whose sum is the
+      layer trace; no extra HVPs.
+    * ``"eigen"``: top-``top_k`` eigenvalues (largest magnitude) of each H_ii by power iteration
+      (``tol`` default 1e-3 relative, ``max_iter``); one block HVP per layer per iteration.
+    * ``"activation"``: Hutchinson trace of the Hessian of the *summed* per-sample loss w.r.t.
+      each layer's input (block-diagonal over samples, so it is the sum over data points);
+      params = activation elements; same probe rule and cost as ``"trace"``.
+    * ``"fisher"``: exact empirical-Fisher trace mean_s ||grad_W_i loss_s||^2 from per-sample
+      gradients (:mod:`hawq.fisher`): no probes or HVPs, one vmapped pass over the data.
+
+    ``probe_mode`` (trace/channel/activation): ``"joint"`` (default) probes all layers with one
+    HVP; layer i's sample v_i.(Hv)_i then has variance 2 sum_{a!=b} (H_ii)_ab^2 (Hutchinson's
+    own) plus sum_{j!=i} ||H_ij||_F^2 from the other layers' probe entries. ``"layer"`` probes
+    each block alone (one block product H_ii v_i per layer per probe on the shared graph, a
+    double-backward from layer i to the loss only, so late layers are cheap) and stops each
+    layer on its own: the variance of per-layer probing (PyHessian per layer). Measured on
+    ResNet-20 (benchmarks/hessian_speed.py): a joint probe costs about the floor and 1/5 of a
+    round of block products, but its per-layer variance is a median ~12x (classifier ~150x)
+    larger, so for a target relative error per layer ``"layer"`` is the cheaper mode there.
+
+    ``probe_batch`` probes are drawn per round (the stopping rule is checked per round; with
+    rebuilt chunks a round costs one pass per chunk); ``vectorized=True`` computes a round in
+    one batched double-backward (``is_grads_batched``) — measured slower on CPU, so off by
+    default; it falls back to one probe at a time where an op has no batching rule.
     """
     if metric not in METRICS:
         raise ConfigError(f"metric={metric!r}: use one of {METRICS}")
-    if max_probes < 1:
-        raise ConfigError(f"max_probes={max_probes}: give at least 1")
+    for name, value, lo in (("max_probes", max_probes, 1), ("min_probes", min_probes, 1),
+                            ("top_k", top_k, 1), ("max_iter", max_iter, 1),
+                            ("probe_batch", probe_batch, 1), ("seed", seed, 0)):
+        _check_int(name, value, lo)
+    if probe_mode not in ("joint", "layer"):
+        raise ConfigError(f"probe_mode={probe_mode!r}: use 'joint' (one HVP per probe for all "
+                          "layers) or 'layer' (one block product per layer per probe)")
+    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ConfigError(f"tol={tol!r}: give a number >= 0 (0 disables early stopping)")
+    tol = (1e-3 if metric == "eigen" else 1e-2) if tol is None else float(tol)
     criterion = criterion or nn.CrossEntropyLoss()
     mods = select_layers(model, layers)
     names = [n for n, _ in mods]
     params = [m.weight for _, m in mods]
+    batches = as_batches(data, batch_size)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
     result = HessianResult(metric=metric)
-    try:
-        if metric == "fisher":
-            tr = fisher_traces(model, mods, data, criterion, batch_size)
-            result.layers = [LayerHessian(n, p.numel(), float(t), float(t) / p.numel())
-                             for n, p, t in zip(names, params, tr)]
-        elif metric == "activation":
-            summed = _sum_criterion(criterion)
-            tr, se, probes, hvps = activation_traces(
-                model, mods, data, summed, gen, 1e-2 if tol is None else tol, max_probes,
-                min_probes, batch_size, progress)
-            result.hvp_count = hvps
-            result.layers = [LayerHessian(n, p.numel(), float(t), None, float(s), probes=probes)
-                             for n, p, t, s in zip(names, params, tr, se)]
+    if metric == "fisher":
+        from hawq.fisher import fisher_traces
+
+        with _grad_setup(model, params, False):
+            tr = fisher_traces(model, mods, batches, criterion)
+        result.layers = [LayerHessian(n, p.numel(), float(t), float(t) / p.numel())
+                         for n, p, t in zip(names, params, tr)]
+        result.samples, result.passes = sum(b[0].shape[0] for b in batches), 1
+        result.seconds = time.perf_counter() - t0
+        return result
+    target = "activations" if metric == "activation" else "weights"
+    with _grad_setup(model, [] if target == "activations" else params, target == "activations"):
+        op = HessianOperator(model, mods, batches, criterion, target, max_graph_bytes)
+        if metric == "eigen":
+            vals = []
+            for i in tqdm(range(len(mods)), desc="power iteration", disable=not progress,
+                          leave=False):
+                if top_k > params[i].numel():
+                    raise ConfigError(f"top_k={top_k} exceeds the {params[i].numel()} weights of "
+                                      f"layer {names[i]!r}")
+                v = power_iteration(op, i, gen, top_k, tol, max_iter)
+                vals.append(v[0] if top_k == 1 else v)
+            result.layers = [LayerHessian(n, p.numel(), eigenvalue=v)
+                             for n, p, v in zip(names, params, vals)]
         else:
-            with torch.enable_grad():
-                op = _HVP(model, params, data, criterion, batch_size, names)
-                if metric == "eigen":
-                    vals = []
-                    for i in tqdm(range(len(params)), desc="power iteration",
-                                  disable=not progress, leave=False):
-                        v = power_iteration(op, i, gen, top_k, 1e-3 if tol is None else tol,
-                                            max_iter)
-                        vals.append(v[0] if top_k == 1 else v)
-                    result.layers = [LayerHessian(n, p.numel(), eigenvalue=v)
-                                     for n, p, v in zip(names, params, vals)]
-                else:
-                    mean, se, probes, ch = hutchinson(op, gen, 1e-2 if tol is None else tol,
-                                                      max_probes, min_probes, progress,
-                                                      metric == "channel")
-                    result.layers = [
-                        LayerHessian(n, p.numel(), float(t), float(t) / p.numel(), float(s),
-                                     channel_traces=ch[i] if ch else None, probes=probes)
-                        for i, (n, p, t, s) in enumerate(zip(names, params, mean, se))]
-                result.hvp_count = op.count
-    finally:
-        model.train(was_training)
+            est = hutchinson(op, gen, tol, max_probes, min(min_probes, max_probes),
+                             metric == "channel", probe_batch, vectorized, probe_mode,
+                             progress)
+            sizes = (op.act_elems.tolist() if target == "activations"
+                     else [p.numel() for p in params])
+            result.layers = [
+                LayerHessian(n, int(sz), float(t), float(t) / max(int(sz), 1),
+                             None if math.isnan(s) else float(s),
+                             channel_traces=None if est.channels is None else est.channels[i].tolist(),
+                             probes=int(est.probes[i]))
+                for i, (n, sz, t, s) in enumerate(zip(names, sizes, est.mean, est.stderr))]
+    result.hvp_count, result.samples, result.passes = op.hvp_count, op.samples, op.passes
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _sum_criterion(criterion: Callable) -> Callable:
-    reduction = getattr(criterion, "reduction", None)
-    if reduction is None:
-        raise ConfigError("metric='activation' needs a criterion with a 'reduction' attribute "
-                          "(e.g. nn.CrossEntropyLoss()) so the per-sample losses can be summed")
-    summed = type(criterion)(reduction="sum") if reduction != "sum" else criterion
-    return summed
