@@ -1,0 +1,222 @@
+"""Quantization-aware fine-tuning: resume exactness, BN folding, staged order, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from hawq import BitPlan, LayerSpec, evaluate
+from hawq.errors import ConfigError, NumericalError
+from hawq.finetune import (FinetuneConfig, augment_cifar, conv_bn_pairs, default_blocks,
+                           finetune, fold_bn_, lr_at, staged_order)
+from hawq.qmodules import QuantMixin
+from hawq.surgery import quantizable_layers
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.block = nn.Sequential()
+        self.block.add_module("conv", nn.Conv2d(8, 8, 3, padding=1, groups=2))
+        self.block.add_module("bn", nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.block.bn(self.block.conv(x))) + x
+        return self.fc(x.mean((2, 3)))
+
+
+def _data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
+    return x, y
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = TinyNet()
+    x, _ = _data()
+    m.train()
+    with torch.no_grad():  # non-trivial BN statistics
+        for _ in range(3):
+            m(x * 2 + 0.5)
+    return m.eval()
+
+
+PLAN = BitPlan({"conv1": LayerSpec(4, 8), "block.conv": LayerSpec(3, 8), "fc": LayerSpec(8, 8)})
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged):
+    cfg = FinetuneConfig(epochs=3, lr=0.05, batch_size=16, bn_fold_at=0.5, staged=staged,
+                         distill=0.5, calib_samples=32, seed=3)
+    data = _data()
+    full = _model()
+    r_full = finetune(full, PLAN, data, cfg, progress=False, checkpoint_dir=tmp_path / "a")
+    part = _model()
+    finetune(part, PLAN, data, cfg, progress=False, checkpoint_dir=tmp_path / "b",
+             stop_after_epoch=1)
+    resumed = _model()  # a fresh process: float model, state from the checkpoint only
+    r_res = finetune(resumed, PLAN, data, cfg, progress=False, checkpoint_dir=tmp_path / "b",
+                     resume=True)
+    assert r_res.resumed_from_epoch == 1
+    a, b = _state(full), _state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["loss"] for h in r_full.history] == [h["loss"] for h in r_res.history]
+    x, _ = data
+    assert torch.equal(full(x), resumed(x))
+    # and the run really trained: weights moved
+    fresh = _model()
+    assert not torch.equal(fresh.fc.weight, full.fc.weight)
+
+
+def test_bn_pairs_follow_data_flow_and_folding_preserves_output():
+    m = _model()
+    x, _ = _data()
+    pairs = conv_bn_pairs(m, x[:2])
+    assert sorted(pairs) == [("block.conv", "block.bn"), ("conv1", "bn1")]
+    ref = m(x)
+    fold_bn_(m, pairs)
+    assert isinstance(m.bn1, nn.Identity) and m.conv1.bias is not None
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_final_model_is_fully_quantized_and_folded_and_learns():
+    x, y = _data(192)
+    m = _model()
+    before = evaluate(m, (x, y)).accuracy
+    cfg = FinetuneConfig(epochs=10, lr=0.1, batch_size=32, augment=False, calib_samples=64,
+                         staged=True, stages=2)
+    res = finetune(m, PLAN, (x, y), cfg, progress=False)
+    mods = quantizable_layers(m)
+    assert all(isinstance(q, QuantMixin) for q in mods.values())
+    assert {n: q.w_bits for n, q in mods.items()} == {"conv1": 4, "block.conv": 3, "fc": 8}
+    assert all(q.act.state == "frozen" for q in mods.values())
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in m.modules())
+    assert len(res.stages) == 2 and sorted(sum(res.stages, [])) == sorted(mods)
+    assert res.history[-1]["train_accuracy"] > 0.5
+    assert evaluate(m, (x, y)).accuracy > max(before, 0.5)
+
+
+def test_staged_order_is_decreasing_lambda_times_error():
+    m = _model()
+    x, y = _data()
+    names = list(quantizable_layers(m))
+    blocks, scores = staged_order(m, PLAN, (x, y), names, samples=64)
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(sum(blocks, [])) == sorted(names)
+    # a 2-bit plan on a layer raises its Omega: it moves to the front
+    plan2 = BitPlan({**PLAN.layers, "fc": LayerSpec(2, 8)})
+    _, s2 = staged_order(m, plan2, (x, y), names, samples=64)
+    assert max(s2) >= max(scores)
+
+
+def test_default_blocks_group_by_parent():
+    assert default_blocks(["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "fc"]) \
+        == [["conv1"], ["layer1.0.conv1", "layer1.0.conv2"], ["layer1.1.conv1"], ["fc"]]
+
+
+def test_augment_crops_and_flips_like_a_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    out = augment_cifar(x, g, pad=1)
+    g = torch.Generator().manual_seed(0)
+    oy, ox = torch.randint(0, 3, (2,), generator=g), torch.randint(0, 3, (2,), generator=g)
+    flip = torch.rand(2, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(2):
+        ref = padded[i, :, oy[i]:oy[i] + 4, ox[i]:ox[i] + 4]
+        if flip[i]:
+            ref = ref.flip(-1)
+        assert torch.equal(out[i], ref)
+
+
+def test_lr_schedules():
+    cfg = FinetuneConfig(lr=0.1)
+    assert lr_at(cfg, 0, 100) == pytest.approx(0.1) and lr_at(cfg, 100, 100) == pytest.approx(0)
+    step = FinetuneConfig(lr=0.1, schedule="step")
+    assert [lr_at(step, s, 100) for s in (0, 50, 80)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_bad_config_and_nan_loss_raise_our_errors():
+    with pytest.raises(ConfigError, match="epochs"):
+        FinetuneConfig(epochs=0)
+    with pytest.raises(ConfigError, match="schedule"):
+        FinetuneConfig(schedule="linear")
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        finetune(_model(), PLAN, _data(), FinetuneConfig(), resume=True, progress=False)
+    x, y = _data()
+    with pytest.raises(NumericalError, match="lower lr"):
+        finetune(_model(), PLAN, (x * float("nan"), y), FinetuneConfig(calib_samples=8),
+                 progress=False)
+
+
+# ----------------------------------------------------------------------------- activation bits
+
+def _brute(omega, elements, bits, total_limit=None, largest=None):
+    import itertools
+
+    best, arg = np.inf, None
+    for combo in itertools.product(range(len(bits)), repeat=len(omega)):
+        b = np.asarray(bits)[list(combo)]
+        if total_limit is not None and (elements * b).sum() > total_limit * (1 + 1e-9):
+            continue
+        if largest is not None and (elements * b).max() > largest * (1 + 1e-9):
+            continue
+        cost = omega[np.arange(len(omega)), list(combo)].sum()
+        if cost < best:
+            best, arg = cost, combo
+    return best, arg
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_activation_allocation_is_exact_against_brute_force(seed):
+    from hawq.activations import allocate_activation_bits
+    from hawq.budgets import Budget
+
+    rng = np.random.default_rng(seed)
+    bits = [2, 4, 8]
+    elements = rng.integers(10, 200, 5).astype(float)
+    omega = np.sort(rng.random((5, 3)) * rng.random((5, 1)) * 10, axis=1)[:, ::-1].copy()
+    avg = 4.0
+    largest = float(np.median(elements) * 8)
+    best, _ = _brute(omega, elements, bits, avg * elements.sum(), largest)
+    got = allocate_activation_bits(omega, elements, bits, Budget("avg_bits", avg), largest)
+    b = np.asarray(bits)[got]
+    assert (elements * b).sum() <= avg * elements.sum() + 1e-6
+    assert (elements * b).max() <= largest + 1e-6
+    assert omega[np.arange(5), got].sum() == pytest.approx(best)
+    # largest-only: each layer takes its cheapest allowed choice
+    got_max = allocate_activation_bits(omega, elements, bits, None, largest)
+    assert omega[np.arange(5), got_max].sum() == pytest.approx(_brute(omega, elements, bits,
+                                                                        None, largest)[0])
+
+
+def test_activation_plan_on_a_model_meets_the_budget_and_errors_on_impossible():
+    from hawq.activations import activation_plan
+    from hawq.budgets import Budget
+    from hawq.errors import BudgetError
+
+    m = _model()
+    x, y = _data()
+    res = activation_plan(m, (x, y), bits=(2, 4, 8), total=Budget("avg_bits", 4), samples=64)
+    assert res.avg_bits <= 4 + 1e-9 and len(res.bits) == 3
+    assert all(t == t for t in res.traces)  # finite
+    plan = res.apply(PLAN)
+    assert [plan.layers[n].a_bits for n in res.names] == res.bits
+    assert [plan.layers[n].w_bits for n in res.names] == [PLAN.layers[n].w_bits
+                                                          for n in res.names]
+    with pytest.raises(BudgetError, match="smallest feasible"):
+        activation_plan(m, (x, y), bits=(2, 4, 8), largest_bits=1.0, samples=64)
