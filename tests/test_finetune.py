@@ -97,7 +97,7 @@ def test_final_model_is_fully_quantized_and_folded_and_learns():
     x, y = _data(192)
     m = _model()
     before = evaluate(m, (x, y)).accuracy
-    cfg = FinetuneConfig(epochs=10, lr=0.1, batch_size=32, augment=False, calib_samples=64,
+    cfg = FinetuneConfig(epochs=10, lr=0.1, batch_size=32, augment="none", calib_samples=64,
                          staged=True, stages=2)
     res = finetune(m, PLAN, (x, y), cfg, progress=False)
     mods = quantizable_layers(m)
@@ -220,3 +220,31 @@ def test_activation_plan_on_a_model_meets_the_budget_and_errors_on_impossible():
                                                           for n in res.names]
     with pytest.raises(BudgetError, match="smallest feasible"):
         activation_plan(m, (x, y), bits=(2, 4, 8), largest_bits=1.0, samples=64)
+
+
+def test_cli_finetune_and_compress_finetune_write_their_outputs(tmp_path, capsys):
+    import json
+
+    from hawq.cli import main
+
+    plan = tmp_path / "plan.json"
+    BitPlan.uniform(4, 8).to_json(plan)
+    out = tmp_path / "ft"
+    assert main(["finetune", "--plan", str(plan), "--epochs", "2", "--steps-per-epoch", "3",
+                 "--out", str(out), "--test-samples", "200", "--a-avg-bits", "6"]) == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert len(res["finetune"]["history"]) == 2 and 0 <= res["accuracy"] <= 1
+    assert res["activations"]["avg_bits"] <= 6 + 1e-9
+    assert (out / "model.pt").exists() and (out / "last.pt").exists()
+    # resuming a finished run trains nothing more and gives the same accuracy
+    assert main(["finetune", "--plan", str(plan), "--epochs", "2", "--steps-per-epoch", "3",
+                 "--out", str(out), "--test-samples", "200", "--a-avg-bits", "6",
+                 "--resume"]) == 0
+    again = json.loads((out / "finetune.json").read_text())
+    assert again["accuracy"] == res["accuracy"]
+    assert again["finetune"]["resumed_from_epoch"] == 2
+    run = tmp_path / "run"
+    assert main(["compress", "--target-compression", "6", "--out", str(run), "--finetune", "1",
+                 "--steps-per-epoch", "2", "--test-samples", "200"]) == 0
+    assert (run / "finetune" / "finetune.json").exists()
+    assert main(["finetune", "--plan", str(tmp_path / "missing.json")]) == 2

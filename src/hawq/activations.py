@@ -90,12 +90,14 @@ def allocate_activation_bits(omega: np.ndarray, elements: Sequence[float], bits:
 def activation_plan(model: nn.Module, data: Any, names: Sequence[str] | None = None,
                     bits: Sequence[int] = (2, 4, 8), total: Budget | None = None,
                     largest_bits: float | None = None, samples: int = 256, seed: int = 0,
-                    method: str = "ilp", progress: bool = False) -> ActivationAllocation:
+                    method: str = "ilp", max_probes: int = 50,
+                    progress: bool = False) -> ActivationAllocation:
     """Activation bits for ``names`` (default: every quantizable layer) under the budgets.
 
     ``data``: a TensorDataset or (inputs, labels) pair; the first ``samples`` are used.
     Cost: a Hutchinson run on activation traces (:func:`hawq.hessian.analyze`,
-    ``metric="activation"``) plus two forward passes over the samples.
+    ``metric="activation"``, at most ``max_probes`` HVPs) plus two forward passes over the
+    samples.
     """
     from hawq.hessian import analyze
     from hawq.sensitivity import activation_omega
@@ -107,7 +109,8 @@ def activation_plan(model: nn.Module, data: Any, names: Sequence[str] | None = N
         x, y = data
     x, y = x[:samples], y[:samples]
     names = list(names) if names is not None else list(quantizable_layers(model))
-    res = analyze(model, (x, y), metric="activation", layers=names, seed=seed, progress=progress)
+    res = analyze(model, (x, y), metric="activation", layers=names, seed=seed,
+                  max_probes=max_probes, progress=progress)
     traces = [float(lh.trace) for lh in res.layers]
     omega = activation_omega(model, (x, y), names, bits, traces)
     elements = np.array([float(lh.params) for lh in res.layers]) / len(x)

@@ -171,7 +171,20 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         print(f"wrote plan.json, metrics.json, sensitivity.json, frontier.png, layers.png to "
               f"{args.out}")
-    return res.to_dict()
+    out = res.to_dict()
+    if args.finetune > 0:
+        from hawq.pipeline import finetune_plan
+        from hawq.plan import BitPlan
+
+        args.epochs = args.finetune
+        ft_dir = f"{args.out}/finetune" if args.out else None
+        ft = finetune_plan(args.model, BitPlan.from_dict(res.plan), ft_dir,
+                           config=_finetune_config(args), data_dir=args.data_dir,
+                           train_samples=args.train_samples, test_samples=args.test_samples,
+                           a_avg_bits=args.a_avg_bits, progress=True)
+        _print_finetune(ft, ft_dir)
+        out["finetune"] = ft
+    return out
 
 
 def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,6 +236,59 @@ def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
                       args.plot, chosen=alloc, uniform=uniform_points(omega, params, bits))
         print(f"wrote {args.plot}")
     return plan.to_dict() | {"allocation": alloc.to_dict()}
+
+
+def _finetune_config(args: argparse.Namespace):
+    from hawq.finetune import FinetuneConfig
+
+    return FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                          steps_per_epoch=args.steps_per_epoch, distill=args.distill,
+                          staged=args.staged, stages=args.stages, seed=args.seed,
+                          bn_fold_at=None if args.no_bn_fold else args.bn_fold_at)
+
+
+def _add_finetune_args(p: argparse.ArgumentParser, epochs_flag: str = "--epochs") -> None:
+    g = p.add_argument_group("fine-tuning")
+    if epochs_flag == "--epochs":
+        g.add_argument("--epochs", type=int, default=1, help="epochs of QAT (default 1)")
+    g.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default 0.005)")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--steps-per-epoch", type=int, default=None, help="cap steps per epoch")
+    g.add_argument("--distill", type=float, default=0.5,
+                   help="weight of knowledge distillation from FP32 (default 0.5; 0 = off)")
+    g.add_argument("--staged", action="store_true",
+                   help="HAWQ-V1 schedule: quantize and fine-tune blocks in decreasing Omega")
+    g.add_argument("--stages", type=int, default=None, help="merge blocks into N stages")
+    g.add_argument("--bn-fold-at", type=float, default=0.5,
+                   help="fraction of training after which BatchNorm is folded (default 0.5)")
+    g.add_argument("--no-bn-fold", action="store_true", help="keep BatchNorm unfolded")
+    g.add_argument("--a-avg-bits", type=float, default=None,
+                   help="mixed-precision activations from activation-Hessian traces at this "
+                        "average (e.g. 4 = 8x activation compression); default: plan's a_bits")
+    g.add_argument("--train-samples", type=int, default=None, help="limit training images")
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from hawq.pipeline import finetune_plan
+    from hawq.plan import BitPlan
+
+    plan = BitPlan.from_json(args.plan)
+    res = finetune_plan(args.model, plan, args.out, config=_finetune_config(args),
+                        data_dir=args.data_dir, train_samples=args.train_samples,
+                        test_samples=args.test_samples, a_avg_bits=args.a_avg_bits,
+                        resume=args.resume, progress=True)
+    _print_finetune(res, args.out)
+    return res
+
+
+def _print_finetune(res: dict[str, Any], out: str | None) -> None:
+    for h in res["finetune"]["history"]:
+        print(f"epoch {h['epoch']}: loss {h['loss']:.4f}, train top-1 "
+              f"{100 * h['train_accuracy']:.2f}%, {h['seconds']:.0f} s")
+    print(f"{res['model']}: FP32 {100 * res['fp32_accuracy']:.2f}%, post-training "
+          f"{100 * res['ptq_accuracy']:.2f}%, after fine-tuning {100 * res['accuracy']:.2f}%")
+    if out:
+        print(f"wrote finetune.json, plan.json, model.pt, last.pt to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
     p.add_argument("--out", default=None, help="directory for plan, metrics, plots")
     _add_budget_args(p)
+    p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                   help="then fine-tune the plan for EPOCHS epochs (QAT; see 'hawq finetune')")
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    _add_finetune_args(p, epochs_flag="--finetune")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("finetune", help="quantization-aware fine-tuning of a bit plan")
+    _common(p)
+    p.add_argument("--plan", required=True, help="bit plan JSON (e.g. from 'hawq compress')")
+    p.add_argument("--out", default=None, help="directory for checkpoints and results")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--test-samples", type=int, default=None)
+    _add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("allocate", help="bit plan from a sensitivity JSON under a budget")
     p.add_argument("--sensitivity", required=True, help="JSON written by 'hawq analyze --json'")

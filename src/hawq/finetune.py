@@ -65,7 +65,7 @@ class FinetuneConfig:
     steps_per_epoch: int | None = None  # cap (a subset of each epoch), for quick runs
     distill: float = 0.0              # weight of the KD loss, 0 = plain cross-entropy
     temperature: float = 4.0
-    augment: bool = True              # CIFAR crop+flip (4-D image inputs only)
+    augment: str = "auto"             # "cifar" crop+flip | "none" | "auto": cifar for 3x32x32
     act_range: str = "ema"            # "ema" | "fixed"
     ema: float = 0.99
     bn_fold_at: float | None = 0.5    # fraction of steps after which BN is folded; None = never
@@ -81,6 +81,8 @@ class FinetuneConfig:
             raise ConfigError(f"lr={self.lr}: the learning rate must be a positive number")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ConfigError(f"schedule={self.schedule!r}: use 'cosine', 'step' or 'constant'")
+        if self.augment not in ("auto", "cifar", "none"):
+            raise ConfigError(f"augment={self.augment!r}: use 'auto', 'cifar' or 'none'")
         if self.act_range not in ("ema", "fixed"):
             raise ConfigError(f"act_range={self.act_range!r}: use 'ema' or 'fixed'")
         if not 0.0 <= self.distill <= 1.0:
@@ -368,6 +370,8 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
     def stage_of(step: int) -> int:
         return min(len(stages) - 1, int(step // stage_len)) if stage_len > 0 else 0
 
+    augment = cfg.augment == "cifar" or (cfg.augment == "auto" and x.dim() == 4
+                                         and tuple(x.shape[1:]) == (3, 32, 32))
     ema_hook = _EMARange(cfg.ema)
     hooks: list[Any] = []
 
@@ -442,7 +446,7 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
                     opt = make_opt()
                     model.train()
                 xb, yb = x[idx].to(device), y[idx].to(device)
-                if cfg.augment and xb.dim() == 4:
+                if augment:
                     xb = augment_cifar(xb, gen)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, step, total)

@@ -298,3 +298,62 @@ def write_outputs(out: Path, result: CompressResult, stats: dict[str, Any], omeg
              for row in result.layers]
     plot_layer_bits(names, score, [row["w_bits"] for row in result.layers], out / "layers.png",
                     title=f"{result.config['model']}: sensitivity and chosen bits")
+
+
+def finetune_plan(model_name: str, plan: BitPlan, out_dir: str | Path | None = None, *,
+                  config: Any = None, data_dir: str | None = None,
+                  train_samples: int | None = None, test_samples: int | None = None,
+                  a_avg_bits: float | None = None, a_bits_choices: tuple[int, ...] = (2, 4, 8),
+                  resume: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Load ``model_name`` and its data, optionally choose mixed-precision activation bits
+    (``a_avg_bits``: HAWQ-V2 activation traces under that average), fine-tune under ``plan``
+    with :func:`hawq.finetune.finetune`, evaluate before and after on the test set, and write
+    ``finetune.json``, ``plan.json``, ``model.pt`` (the quantized state dict) and the
+    checkpoint into ``out_dir``. Returns the JSON-ready summary.
+
+    Cost: the fine-tuning's (see :mod:`hawq.finetune`) plus two passes over the test set.
+    """
+    import copy
+
+    import hawq
+    from hawq.data import load_dataset
+    from hawq.finetune import FinetuneConfig, finetune
+    from hawq.io import atomic_write_bytes, write_json
+    from hawq.models import build_model, get_spec
+
+    cfg = config or FinetuneConfig()
+    spec = get_spec(model_name)
+    model = build_model(model_name, pretrained=True, data_dir=data_dir)
+    train = load_dataset(spec.dataset, "train", data_dir, train_samples)
+    test = load_dataset(spec.dataset, "test", data_dir, test_samples)
+    fp32 = hawq.evaluate(model, test, progress=progress).accuracy
+    act = None
+    if a_avg_bits is not None:
+        from hawq.activations import activation_plan
+        from hawq.budgets import Budget
+
+        act = activation_plan(model, train, bits=a_bits_choices,
+                              total=Budget("avg_bits", a_avg_bits), seed=cfg.seed)
+        plan = act.apply(plan)
+    ptq = copy.deepcopy(model)
+    hawq.quantize_(ptq, plan)
+    hawq.calibrate_(ptq, train, max_samples=cfg.calib_samples)
+    before = hawq.evaluate(ptq, test, progress=progress).accuracy
+    del ptq
+    out = Path(out_dir) if out_dir is not None else None
+    res = finetune(model, plan, train, cfg, checkpoint_dir=out, resume=resume,
+                   progress=progress)
+    after = hawq.evaluate(model, test, progress=progress).accuracy
+    summary = {"model": model_name, "plan": plan.to_dict(), "fp32_accuracy": fp32,
+               "ptq_accuracy": before, "accuracy": after, "finetune": res.to_dict(),
+               "activations": act.to_dict() if act is not None else None}
+    if out is not None:
+        import io as _io
+
+        out.mkdir(parents=True, exist_ok=True)
+        plan.to_json(out / "plan.json")
+        buf = _io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        atomic_write_bytes(out / "model.pt", buf.getvalue())
+        write_json(out / "finetune.json", summary)
+    return summary
