@@ -158,10 +158,16 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         latency_table=args.latency_table, latency_limit=args.latency_limit,
         pin_first_last=args.pin_first_last, hessian_samples=args.samples,
         max_probes=args.max_probes, calib_samples=args.calib_samples,
-        test_samples=args.test_samples, w_clip=args.w_clip, seed=args.seed)
+        test_samples=args.test_samples, w_clip=args.w_clip, seed=args.seed,
+        episodes=args.episodes, reward_samples=args.reward_samples,
+        channel_groups=args.channel_groups)
     res = compress(cfg, out_dir=args.out, progress=True)
+    if args.out:
+        from hawq.report import record_command
+
+        record_command(args.out, getattr(args, "argv", None))
     rows = [[r["name"], r["params"], f"{r['avg_trace']:.3g}" if r["avg_trace"] is not None
-             else "-", r["w_bits"], r["a_bits"]] for r in res.layers]
+             else "-", r.get("mean_w_bits", r["w_bits"]), r["a_bits"]] for r in res.layers]
     _print_table(rows, ["layer", "params", "avg trace", "w_bits", "a_bits"])
     b = res.budget
     print(f"\n{cfg.model} [{cfg.sensitivity} + {cfg.allocator}]: top-1 "
@@ -236,6 +242,38 @@ def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
                       args.plot, chosen=alloc, uniform=uniform_points(omega, params, bits))
         print(f"wrote {args.plot}")
     return plan.to_dict() | {"allocation": alloc.to_dict()}
+
+
+def cmd_zeroq(args: argparse.Namespace) -> dict[str, Any]:
+    from hawq.zeroq import ZeroQConfig, zeroq
+
+    cfg = ZeroQConfig(
+        model=args.model, data_dir=args.data_dir, bits=tuple(args.bits), a_bits=args.a_bits,
+        w_bits=args.w_bits, target_compression=args.target_compression,
+        target_avg_bits=args.target_avg_bits, target_bytes=args.target_bytes,
+        target_fraction=args.target_fraction, bops_limit=args.bops_limit,
+        latency_table=args.latency_table, latency_limit=args.latency_limit,
+        pin_first_last=args.pin_first_last, sensitivity=args.sensitivity,
+        allocator=args.allocator, data_source=args.data_source, distill_batch=args.distill_batch,
+        distill_iters=args.distill_iters, distill_lr=args.distill_lr,
+        calib_samples=args.calib_samples, w_clip=args.w_clip, evaluate=not args.no_eval,
+        test_samples=args.test_samples, seed=args.seed)
+    res = zeroq(cfg, out_dir=args.out, progress=True)
+    _print_table([[r["name"], r["params"], f"{max(r['omega']):.3g}" if r["omega"] else "-",
+                   r["w_bits"], r["a_bits"]] for r in res.layers],
+                 ["layer", "params", f"max {cfg.sensitivity}", "w_bits", "a_bits"])
+    d, b = res.distill, res.budget
+    if d:
+        print(f"\ndistilled {d['batch_size']} inputs in {d['seconds']:.1f} s: BN loss "
+              f"{d['initial_loss']:.4g} -> {d['final_loss']:.4g} ({d['reduction']:.0f}x)")
+    acc = (f"top-1 {100 * res.accuracy:.2f}% (FP32 {100 * res.fp32_accuracy:.2f}%) on real test "
+           "data, " if res.accuracy is not None else "")
+    print(f"{cfg.model} zero-shot [{cfg.data_source} data, {cfg.sensitivity} + {cfg.allocator}]: "
+          f"{acc}weights {b['weight_compression']:.2f}x ({b['avg_bits']:.2f} avg bits), "
+          f"{res.seconds['total']:.1f} s")
+    if args.out:
+        print(f"wrote plan.json, metrics.json, sensitivity.json and plots to {args.out}")
+    return res.to_dict()
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -328,9 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="the main job: analyse, allocate bits, quantize, evaluate")
     _common(p)
-    p.add_argument("--method", default=None, choices=["hawq-v2", "hawq-v1", "ilp"],
+    p.add_argument("--method", default=None,
+                   choices=["hawq-v2", "hawq-v1", "ilp", "cw-hawq", "cw-hessian"],
                    help="preset: hawq-v2 = trace Omega + Pareto frontier; hawq-v1 = eigenvalue "
-                        "ordering rule; ilp = integer program over --sensitivity")
+                        "ordering rule; ilp = integer program over --sensitivity; cw-hawq = "
+                        "per-channel bits, ratios by DDPG; cw-hessian = per-channel bits by "
+                        "Omega over trace-sorted channel groups")
+    p.add_argument("--episodes", type=int, default=100, help="cw-hawq: DDPG episodes (100)")
+    p.add_argument("--reward-samples", type=int, default=1000,
+                   help="cw-hawq: held-out training images for the reward (1000)")
+    p.add_argument("--channel-groups", type=int, default=4,
+                   help="cw-hessian: channel groups per layer (4)")
     p.add_argument("--sensitivity", default="hybrid",
                    choices=["hybrid", "hawq-v2", "hawq-v1", "measured"],
                    help="how Omega_i(b) is computed (default hybrid: max of the Hessian Omega and "
@@ -368,13 +414,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="PNG of the Pareto frontier")
     _add_budget_args(p)
     p.set_defaults(func=cmd_allocate)
-    return parser
 
+    p = sub.add_parser("zeroq", help="ZeroQ: data-free mixed precision from distilled data")
+    _common(p, model_default="resnet20")
+    p.add_argument("--sensitivity", default="kl", choices=["kl", "hessian"],
+                   help="kl (ZeroQ) or hessian (HAWQ-V2 trace on distilled data)")
+    p.add_argument("--allocator", default="frontier", choices=["frontier", "ilp"])
+    p.add_argument("--a-bits", type=int, default=8, help="activation bits (default 8)")
+    p.add_argument("--w-bits", type=int, default=None,
+                   help="uniform weight bits instead of a mixed-precision budget")
+    p.add_argument("--data-source", default="distilled", choices=["distilled", "real", "noise"],
+                   help="inputs for sensitivity and calibration (default distilled: zero-shot)")
+    p.add_argument("--distill-batch", type=int, default=32)
+    p.add_argument("--distill-iters", type=int, default=500)
+    p.add_argument("--distill-lr", type=float, default=0.5)
+    p.add_argument("--calib-samples", type=int, default=512, help="for --data-source real/noise")
+    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--test-samples", type=int, default=None)
+    p.add_argument("--no-eval", action="store_true", help="skip the real-test-data report")
+    p.add_argument("--out", default=None, help="directory for plan, metrics, plots")
+    _add_budget_args(p)
+    p.set_defaults(func=cmd_zeroq)
+    from hawq.cli_export import add_parsers  # hawq export / hawq report
+
+    add_parsers(sub, _common)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hawq`` console script. Returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run dirs
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "threads", None):

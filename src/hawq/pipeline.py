@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 SENSITIVITIES = ("hawq-v2", "hawq-v1", "measured", "hybrid")
 #: Method presets of issue 5: (sensitivity, allocator).
 METHODS = {"hawq-v2": ("hawq-v2", "frontier"), "hawq-v1": ("hawq-v1", "v1-rule"),
-           "ilp": (None, "ilp")}
+           "ilp": (None, "ilp"),
+           # channel-wise HAWQ (hawq.channelwise): DDPG ratios / Hessian-only channel groups
+           "cw-hawq": ("hawq-v2", "cw-ddpg"), "cw-hessian": ("hawq-v2", "cw-groups")}
 
 
 @dataclass
@@ -59,6 +61,9 @@ class CompressConfig:
     test_samples: int | None = None
     w_clip: str = "minmax"
     seed: int = 0
+    episodes: int = 100  # cw-hawq: DDPG episodes
+    reward_samples: int = 1000  # cw-hawq: held-out training images for the reward
+    channel_groups: int = 4  # cw-hessian: trace-sorted channel groups per layer
 
     def __post_init__(self) -> None:
         if self.method is not None:
@@ -68,7 +73,7 @@ class CompressConfig:
             self.sensitivity = sens or self.sensitivity
         if self.sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity={self.sensitivity!r}: use one of {SENSITIVITIES}")
-        if self.allocator not in ("frontier", "ilp", "v1-rule"):
+        if self.allocator not in ("frontier", "ilp", "v1-rule", "cw-ddpg", "cw-groups"):
             raise ConfigError(f"allocator={self.allocator!r}: use 'frontier', 'ilp' or 'v1-rule'")
         self.bits = tuple(sorted(set(int(b) for b in self.bits)))
         targets = [t for t in (self.target_compression, self.target_avg_bits, self.target_bytes,
@@ -211,6 +216,10 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     from hawq.data import load_dataset
     from hawq.models import build_model, get_spec
 
+    if cfg.allocator in ("cw-ddpg", "cw-groups"):
+        from hawq.channelwise import compress_channelwise
+
+        return compress_channelwise(cfg, out_dir, progress)
     torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}
     t0 = time.perf_counter()

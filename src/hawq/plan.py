@@ -14,21 +14,48 @@ from typing import Any
 
 from hawq.errors import ConfigError
 from hawq.io import atomic_write_text
-from hawq.quantizers import check_bits
+from hawq.quantizers import check_bits, check_channel_bits
 
 PLAN_VERSION = 1
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Bits of one layer: ``w_bits`` for its weight, ``a_bits`` for its input activation."""
+    """Bits of one layer: ``w_bits`` for its weight, ``a_bits`` for its input activation.
 
-    w_bits: int = 8
+    ``w_bits`` may also be a list of ints, one per output channel (channel-wise plans); a
+    tuple or 1-d tensor is stored as a list of plain ints. Its length is checked against the
+    layer by :meth:`check_channels` (done by ``quantize_`` and ``budget_report``).
+    """
+
+    w_bits: int | list[int] = 8
     a_bits: int = 32
 
     def __post_init__(self) -> None:
-        check_bits(self.w_bits, "w_bits", symmetric=True)
+        w = check_channel_bits(self.w_bits, "w_bits", symmetric=True)
+        object.__setattr__(self, "w_bits", w)
         check_bits(self.a_bits, "a_bits")
+
+    def __hash__(self) -> int:
+        w = tuple(self.w_bits) if isinstance(self.w_bits, list) else self.w_bits
+        return hash((w, self.a_bits))
+
+    @property
+    def per_channel(self) -> bool:
+        """True when ``w_bits`` is a per-output-channel list."""
+        return isinstance(self.w_bits, list)
+
+    def mean_w_bits(self) -> float:
+        """Average weight bits (the int itself, or the mean over channels)."""
+        w = self.w_bits
+        return sum(w) / len(w) if isinstance(w, list) else float(w)
+
+    def check_channels(self, name: str, out_channels: int) -> None:
+        """Raise ConfigError naming layer ``name`` when per-channel ``w_bits`` has a wrong length."""
+        if isinstance(self.w_bits, list) and len(self.w_bits) != out_channels:
+            raise ConfigError(f"layer {name!r}: w_bits has {len(self.w_bits)} per-channel bit "
+                              f"widths but the layer has {out_channels} output channels; give "
+                              f"{out_channels} (one per output channel) or one int")
 
 
 @dataclass
@@ -100,11 +127,11 @@ class BitPlan:
                               f"({PLAN_VERSION}); upgrade hawq")
 
         def spec(v: Any, where: str) -> LayerSpec:
-            if isinstance(v, int):
+            if isinstance(v, (int, list)):
                 return LayerSpec(v)
             if not isinstance(v, dict) or set(v) - {"w_bits", "a_bits"}:
-                raise ConfigError(f"plan entry {where}: give {{'w_bits': int, 'a_bits': int}}, "
-                                  f"got {v!r}")
+                raise ConfigError(f"plan entry {where}: give {{'w_bits': int or [int per "
+                                  f"channel], 'a_bits': int}}, got {v!r}")
             return LayerSpec(**v)
 
         default = d.get("default")

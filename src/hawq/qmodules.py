@@ -91,7 +91,10 @@ class QuantMixin:
     config: QuantConfig
 
     def setup(self, spec: LayerSpec, config: QuantConfig) -> None:
-        """(Re)configure bits; computes the MSE clipping ratios when ``config.w_clip='mse'``."""
+        """(Re)configure bits; computes the MSE clipping ratios when ``config.w_clip='mse'``.
+
+        ``spec.w_bits`` may be a list with one bit width per output channel."""
+        spec.check_channels(type(self).__name__, self.weight.shape[0])
         self.w_bits = spec.w_bits
         self.config = config
         self.act = ActQuantizer(spec.a_bits, config.a_calibration, config.a_percentile)

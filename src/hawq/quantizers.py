@@ -44,6 +44,22 @@ def check_bits(bits: int, what: str = "bits", symmetric: bool = False) -> int:
     return bits
 
 
+def check_channel_bits(bits, what: str = "w_bits", symmetric: bool = False) -> int | list[int]:
+    """Validate an int bit width (see :func:`check_bits`) or a per-channel sequence of integer
+    bit widths (list/tuple/1-d tensor, no float widths). Returns the int or a list of ints."""
+    if isinstance(bits, torch.Tensor) and bits.dim() == 1:
+        bits = bits.tolist()
+    if not isinstance(bits, (list, tuple)):
+        return check_bits(bits, what, symmetric)
+    if not bits:
+        raise ConfigError(f"{what}=[]: give one bit width per output channel")
+    out = [check_bits(b, f"{what}[{i}]", symmetric) for i, b in enumerate(bits)]
+    if any(is_float(b) for b in out):
+        raise ConfigError(f"{what}: per-channel bit widths must be integers in 2..8; give an int "
+                          "16/32 for a float layer")
+    return out
+
+
 def is_float(bits: int) -> bool:
     """True when ``bits`` means the tensor stays floating point (16 or 32)."""
     return bits in FLOAT_BITS
@@ -53,15 +69,24 @@ def is_float(bits: int) -> bool:
 class QParams:
     """Quantization parameters: ``x ≈ (q - zero_point) * scale`` with q in [qmin, qmax].
 
-    ``scale`` and ``zero_point`` are 0-d tensors (per tensor) or 1-d along ``axis``.
+    ``scale`` and ``zero_point`` are 0-d tensors (per tensor) or 1-d along ``axis``. With
+    per-channel bit widths, ``bits``, ``qmin`` and ``qmax`` are 1-d int64 tensors along ``axis``.
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
-    bits: int
-    qmin: int
-    qmax: int
+    bits: int | torch.Tensor
+    qmin: int | torch.Tensor
+    qmax: int | torch.Tensor
     axis: int | None = None
+
+    def bounds(self, x: torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+        """qmin and qmax, reshaped to broadcast against ``x`` when they are per channel."""
+        if not isinstance(self.qmin, torch.Tensor):
+            return self.qmin, self.qmax
+        shape = [1] * x.dim()
+        shape[self.axis] = -1  # type: ignore[index]
+        return self.qmin.view(shape).to(x.dtype), self.qmax.view(shape).to(x.dtype)
 
     def view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point reshaped to broadcast against ``x``."""
@@ -88,24 +113,41 @@ def _reduce(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tens
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = True,
                        axis: int | None = None) -> QParams:
-    """QParams covering [lo, hi] (tensors, per tensor or per channel). Cost: O(channels)."""
-    bits = check_bits(bits, symmetric=symmetric)
-    if is_float(bits):
-        raise ConfigError(f"bits={bits} means float: there is nothing to quantize")
-    qmin, qmax = int_range(bits, symmetric)
+    """QParams covering [lo, hi] (tensors, per tensor or per channel). Cost: O(channels).
+
+    ``bits`` may be a sequence with one bit width per channel (needs ``axis``)."""
+    bits = check_channel_bits(bits, "bits", symmetric=symmetric)
     lo = torch.as_tensor(lo, dtype=torch.float32).detach()
     hi = torch.as_tensor(hi, dtype=torch.float32).detach()
+    if isinstance(bits, list):
+        if axis is None or lo.dim() != 1 or lo.numel() != len(bits):
+            raise ConfigError(f"{len(bits)} per-channel bit widths for a range of shape "
+                              f"{tuple(lo.shape)}: give one bit width per channel along an axis")
+        bits = torch.tensor(bits, dtype=torch.int64)
+    elif is_float(bits):
+        raise ConfigError(f"bits={bits} means float: there is nothing to quantize")
+    qmin, qmax = int_range(bits, symmetric)
     tiny = torch.finfo(torch.float32).tiny * 2 ** 24
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = torch.clamp(amax / max(qmax, 1), min=tiny)
+        scale = torch.clamp(amax / _as_float(qmax).clamp_min(1), min=tiny)
         zero = torch.zeros_like(scale, dtype=torch.int64)
     else:
         lo = torch.clamp(lo, max=0.0)
         hi = torch.clamp(hi, min=0.0)
-        scale = torch.clamp((hi - lo) / (qmax - qmin), min=tiny)
-        zero = torch.clamp(torch.round(-lo / scale), qmin, qmax).to(torch.int64)
+        scale = torch.clamp((hi - lo) / _as_float(qmax - qmin), min=tiny)
+        zero = torch.clamp(torch.round(-lo / scale), *_bounds(qmin, qmax)).to(torch.int64)
     return QParams(scale, zero, bits, qmin, qmax, axis)
+
+
+def _as_float(v: int | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float32)
+
+
+def _bounds(qmin: int | torch.Tensor, qmax: int | torch.Tensor) -> tuple:
+    if isinstance(qmin, torch.Tensor):
+        return qmin.float(), qmax.float()  # type: ignore[union-attr]
+    return qmin, qmax
 
 
 def minmax_qparams(x: torch.Tensor, bits: int, symmetric: bool = True, axis: int | None = None,
@@ -124,7 +166,7 @@ def minmax_qparams(x: torch.Tensor, bits: int, symmetric: bool = True, axis: int
 def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integer tensor (int32) q = clamp(round(x/scale) + zero_point, qmin, qmax)."""
     scale, zero = qp.view(x)
-    return torch.clamp(torch.round(x / scale) + zero, qp.qmin, qp.qmax).to(torch.int32)
+    return torch.clamp(torch.round(x / scale) + zero, *qp.bounds(x)).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -143,9 +185,10 @@ def fake_quantize(x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
     if qp is None:
         return x
     scale, zero = qp.view(x)
-    lo = (qp.qmin - zero) * scale
-    hi = (qp.qmax - zero) * scale
-    xq = (torch.clamp(torch.round(x.detach() / scale) + zero, qp.qmin, qp.qmax) - zero) * scale
+    qmin, qmax = qp.bounds(x)
+    lo = (qmin - zero) * scale
+    hi = (qmax - zero) * scale
+    xq = (torch.clamp(torch.round(x.detach() / scale) + zero, qmin, qmax) - zero) * scale
     if not x.requires_grad:
         return xq
     mask = ((x.detach() >= lo) & (x.detach() <= hi)).to(x.dtype)
@@ -158,12 +201,18 @@ def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: in
 
     The range [alpha·min, alpha·max] is searched on a grid of ``grid`` ratios, all channels and
     ratios at once (memory grid × numel). Returns a 1-d tensor (one ratio per channel), or a
-    0-d tensor when ``axis`` is None. Cost: ``grid`` quantize passes over x, vectorised.
+    0-d tensor when ``axis`` is None. ``bits`` may be per channel (a sequence along ``axis``).
+    Cost: ``grid`` quantize passes over x, vectorised.
     """
-    bits = check_bits(bits, symmetric=symmetric)
+    bits = check_channel_bits(bits, "bits", symmetric=symmetric)
     x = x.detach()
     flat = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
-    qmin, qmax = int_range(bits, symmetric)
+    if isinstance(bits, list):
+        if len(bits) != flat.shape[0] or axis is None:
+            raise ConfigError(f"{len(bits)} per-channel bit widths for {flat.shape[0]} channels")
+        qmin, qmax = _bounds(*int_range(torch.tensor(bits), symmetric))
+    else:
+        qmin, qmax = int_range(bits, symmetric)
     alphas = torch.linspace(low, 1.0, grid, dtype=flat.dtype)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     best_err = torch.full((flat.shape[0],), float("inf"), dtype=flat.dtype)
@@ -174,7 +223,7 @@ def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: in
         a = alphas[start:start + step].view(-1, 1)  # (A, 1)
         if symmetric:
             amax = torch.maximum(lo.abs(), hi.abs()).view(1, -1) * a  # (A, C)
-            scale = (amax / max(qmax, 1)).clamp_min(1e-30)
+            scale = (amax / _as_float(qmax).clamp_min(1)).clamp_min(1e-30)
             zero = torch.zeros_like(scale)
         else:
             l_ = lo.clamp(max=0).view(1, -1) * a
@@ -182,7 +231,8 @@ def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: in
             scale = ((h_ - l_) / (qmax - qmin)).clamp_min(1e-30)
             zero = torch.clamp(torch.round(-l_ / scale), qmin, qmax)
         s3, z3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        xq = (torch.clamp(torch.round(flat.unsqueeze(0) / s3) + z3, qmin, qmax) - z3) * s3
+        q3 = (qmin, qmax) if isinstance(qmin, int) else (qmin.view(1, -1, 1), qmax.view(1, -1, 1))
+        xq = (torch.clamp(torch.round(flat.unsqueeze(0) / s3) + z3, *q3) - z3) * s3
         err = (xq - flat.unsqueeze(0)).pow(2).sum(-1)  # (A, C)
         e_min, idx = err.min(dim=0)
         better = e_min < best_err
@@ -197,8 +247,12 @@ def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool = True, per_chann
 
     ``clip="minmax"`` covers the full range; ``clip="mse"`` searches the MSE-optimal clipping
     ratio (see :func:`mse_clip_ratios`) unless ``clip_ratio`` is given (reuse a cached search).
+    ``bits`` may be a sequence with one bit width per output channel (needs ``per_channel``).
     """
-    bits = check_bits(bits, "w_bits", symmetric=symmetric)
+    bits = check_channel_bits(bits, "w_bits", symmetric=symmetric)
+    if isinstance(bits, list) and not per_channel:
+        raise ConfigError("per-channel w_bits need per-channel weight quantization "
+                          "(QuantConfig(w_per_channel=True))")
     if is_float(bits):
         return None
     if clip not in ("minmax", "mse"):

@@ -134,6 +134,7 @@ def quantize_(model: nn.Module, plan: BitPlan, config: QuantConfig | None = None
         if spec is None:
             report.left_float.append(name)
             continue
+        spec.check_channels(name, m.weight.shape[0])
         _set_child(model, name, to_twin(m, spec, config))
         report.quantized.append(name)
     return report
