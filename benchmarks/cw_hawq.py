@@ -21,6 +21,7 @@ The reward-split KL of every plan is reported too, so the search is judged on it
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -61,6 +62,9 @@ def main() -> None:
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke: 1k test images, 12 episodes")
+    p.add_argument("--cache", default=None,
+                   help="file to keep the channel traces and measured losses in: reused when it "
+                        "exists (same model/probes/samples), so reruns only redo the searches")
     p.add_argument("--json", default="benchmarks/results/cw_hawq.json")
     args = p.parse_args()
     if args.quick:
@@ -87,22 +91,40 @@ def main() -> None:
     mods = hawq.quantizable_layers(model)
 
     times: dict[str, float] = {}
-    t = time.perf_counter()
-    res = analyze(model, (x[:args.hessian_samples], y[:args.hessian_samples]), metric="channel",
-                  layers=names, seed=args.seed, tol=0.0, max_probes=args.probes)
-    times["channel_traces"] = time.perf_counter() - t
-    raw = [np.array(lh.channel_traces) for lh in res.layers]
+    key = {k: getattr(args, k) for k in ("model", "bits", "probes", "hessian_samples",
+                                         "calib_samples", "seed")}
+    cached = None
+    if args.cache and os.path.exists(args.cache):
+        cached = torch.load(args.cache, weights_only=False)
+        if cached.get("key") != key:
+            sys.exit(f"--cache {args.cache} was made with {cached.get('key')}, not {key}: "
+                     "delete it or give another path")
+        times.update(cached["times"])
+        raw, avg_traces, measured = cached["raw"], cached["avg_traces"], cached["measured"]
+    else:
+        t = time.perf_counter()
+        res = analyze(model, (x[:args.hessian_samples], y[:args.hessian_samples]),
+                      metric="channel", layers=names, seed=args.seed, tol=0.0,
+                      max_probes=args.probes)
+        times["channel_traces"] = time.perf_counter() - t
+        raw = [np.array(lh.channel_traces) for lh in res.layers]
+        avg_traces = [lh.avg_trace for lh in res.layers]
     clayers = [ChannelLayer(i.name, i.params, i.macs, shrink_traces(t, args.shrink))
                for i, t in zip(infos, raw)]
     neg = float(np.mean(np.concatenate(raw) <= 0))
     t = time.perf_counter()
     errors = weight_errors(model, names, bits, quant)
-    omega_v2 = omega_matrix([lh.avg_trace for lh in res.layers], errors)
+    omega_v2 = omega_matrix(avg_traces, errors)
     times["omega_v2"] = times["channel_traces"] + time.perf_counter() - t
-    t = time.perf_counter()
-    measured = measured_loss_increase(model, (x[:args.calib_samples], y[:args.calib_samples]),
-                                      names, bits, quant)
-    times["measured"] = time.perf_counter() - t
+    if cached is None:
+        t = time.perf_counter()
+        measured = measured_loss_increase(model, (x[:args.calib_samples],
+                                                  y[:args.calib_samples]), names, bits, quant)
+        times["measured"] = time.perf_counter() - t
+        if args.cache:
+            torch.save({"key": key, "raw": raw, "avg_traces": avg_traces, "measured": measured,
+                        "times": {k: times[k] for k in ("channel_traces", "measured")}},
+                       args.cache)
     omega_hy = np.maximum(omega_v2, measured)
     t = time.perf_counter()
     cerr = [channel_errors(mods[n].weight, bits, quant) for n in names]

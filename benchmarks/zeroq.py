@@ -1,17 +1,19 @@
 """ZeroQ on CIFAR-10 ResNets: zero-shot quantization from distilled data vs real / noise data.
 
 For each model it distils 32 inputs from the BatchNorm statistics (ZeroQ's defaults: Adam, lr
-0.5, 500 iterations, batch 32) and, for each setting
+0.5, 500 iterations, batch 32), once with ZeroQ's loss alone ("distilled") and once with a
+cross-entropy term toward round-robin class labels ("distilled+labels", hawq's default), and, for
+each setting
 
 * W8A8, W6A6, W4A8: uniform weight / activation bits,
 * MP4A8: weights mixed over {2,4,8} at the size of uniform 4-bit (8x), KL sensitivity on the
   calibration inputs (the first 32) + Pareto frontier, activations 8-bit,
 
 quantizes the FP32 model (symmetric per-channel min/max weights, per-tensor min/max activations)
-and calibrates activation ranges on three input sources: the distilled data (zero-shot), 512 real
+and calibrates activation ranges on four input sources: the two distilled sets (zero-shot), 512 real
 training images, and 32 N(0, 1) noise images (the size of the distilled batch). All accuracies are
 on the 10,000 CIFAR-10 test images. It then runs the whole zero-shot pipeline
-(:func:`hawq.zeroq.zeroq`, MP4A8 from distilled data) and reports its wall time split by stage.
+(:func:`hawq.zeroq.zeroq`, MP4A8 from distilled+labels data) and reports its wall time split by stage.
 
     python benchmarks/zeroq.py --models resnet20 --threads 2
     python benchmarks/zeroq.py --models resnet20,resnet56 --threads 2
@@ -42,7 +44,7 @@ from hawq.models import build_model
 from hawq.zeroq import ZeroQConfig, gaussian_data, kl_sensitivity, zeroq
 
 SETTINGS = [("W8A8", 8, 8), ("W6A6", 6, 6), ("W4A8", 4, 8), ("MP4A8", None, 8)]
-SOURCES = ("distilled", "real", "noise")
+SOURCES = ("distilled", "distilled+labels", "real", "noise")
 
 
 def _cpu() -> float:
@@ -66,8 +68,15 @@ def run_model(name: str, args: argparse.Namespace, test, real) -> dict:
     distill = dres.to_dict() | {"cpu_seconds": _cpu() - c, "wall_seconds": time.perf_counter() - t}
     print(f"distilled 32 inputs: BN loss {dres.initial_loss:.4g} -> {dres.final_loss:.4g} "
           f"({dres.reduction:.0f}x) in {distill['wall_seconds']:.1f} s")
-    data = {"distilled": dres.data, "real": real, "noise": gaussian_data((3, 32, 32), 32,
-                                                                          args.seed)}
+    t, c = time.perf_counter(), _cpu()
+    lres = distill_data(model, (3, 32, 32), iterations=args.iters, seed=args.seed,
+                        label_weight=args.label_weight, progress=True)
+    distill_labels = lres.to_dict() | {"cpu_seconds": _cpu() - c,
+                                       "wall_seconds": time.perf_counter() - t}
+    print(f"distilled 32 inputs with a label term (weight {args.label_weight:g}): BN loss "
+          f"{lres.initial_loss:.4g} -> {lres.final_loss:.4g} ({lres.reduction:.0f}x)")
+    data = {"distilled": dres.data, "distilled+labels": lres.data, "real": real,
+            "noise": gaussian_data((3, 32, 32), 32, args.seed)}
     rows = []
     plans = {}
     for source in SOURCES:
@@ -101,30 +110,32 @@ def run_model(name: str, args: argparse.Namespace, test, real) -> dict:
     t, c = time.perf_counter(), _cpu()
     res = zeroq(ZeroQConfig(model=name, data_dir=args.data_dir, target_compression=8,
                             bits=(2, 4, 8), distill_iters=args.iters, seed=args.seed,
+                            distill_label_weight=args.label_weight,
                             test_samples=args.test_samples),
                 out_dir=Path(args.out) / name if args.out else None)
     pipe = {"seconds": res.seconds, "wall_seconds": time.perf_counter() - t,
             "cpu_seconds": _cpu() - c, "accuracy": res.accuracy,
             "plan_w_bits": [r["w_bits"] for r in res.layers],
             "distill_share": res.seconds["distill"] / res.seconds["total"],
-            "same_distilled_data_as_table": res.distill["final_loss"] == dres.final_loss,
-            "same_plan_as_table": [r["w_bits"] for r in res.layers] == plans["distilled"]}
+            "same_distilled_data_as_table": res.distill["final_loss"] == lres.final_loss,
+            "same_plan_as_table": [r["w_bits"] for r in res.layers] == plans["distilled+labels"]}
     print(f"zero-shot pipeline (zeroq): {pipe['wall_seconds']:.1f} s wall "
           f"({100 * pipe['distill_share']:.0f}% distillation), top-1 {100 * res.accuracy:.2f}%")
     return {"model": name, "fp32_accuracy": fp32, "eval_seconds": t_eval, "distill": distill,
+            "distill_labels": distill_labels,
             "rows": rows, "pipeline": pipe}
 
 
 def print_table(results: list[dict]) -> None:
     print("\nTop-1 on the CIFAR-10 test set (activation ranges calibrated on each source):")
-    head = f"{'model':9s} {'setting':7s} {'size':>6s} " + " ".join(f"{s:>10s}" for s in SOURCES)
+    head = f"{'model':9s} {'setting':7s} {'size':>6s} " + " ".join(f"{s:>16s}" for s in SOURCES)
     print(head + f" {'FP32':>7s}")
     print("-" * len(head + " FP32   "))
     for r in results:
         by = {(row["setting"], row["source"]): row for row in r["rows"]}
         for label, _, _ in SETTINGS:
             size = by[(label, "distilled")]["weight_compression"]
-            cells = " ".join(f"{100 * by[(label, s)]['accuracy']:9.2f}%" for s in SOURCES)
+            cells = " ".join(f"{100 * by[(label, s)]['accuracy']:15.2f}%" for s in SOURCES)
             print(f"{r['model']:9s} {label:7s} {size:5.2f}x {cells} {100 * r['fp32_accuracy']:6.2f}%")
 
 
@@ -135,6 +146,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iters", type=int, default=500, help="distillation iterations (500)")
+    ap.add_argument("--label-weight", type=float, default=10.0,
+                    help="label term of the 'distilled+labels' source and of the pipeline (10)")
     ap.add_argument("--test-samples", type=int, default=None)
     ap.add_argument("--out", default=None, help="also keep the pipeline's output directory")
     ap.add_argument("--quick", action="store_true", help="1,000 test images, 60 iterations")

@@ -162,6 +162,10 @@ def test_squeeze_lowers_the_last_layers_first():
     counts = alloc.squeeze(alloc.counts_from_ratios(all8))
     assert counts[0].tolist() == [0, 0, 8]  # first layer untouched
     assert alloc.fits(counts) and counts[2, 2] < 8
+    # HAQ's wall: one width per layer per round, from the last layer back, so a budget of
+    # 4 average bits lowers every layer to 4 rather than the last two to 2
+    four = ChannelAllocator(layers, (2, 4, 8), Budget("avg_bits", 4.0))
+    assert four.squeeze(four.counts_from_ratios(all8)).tolist() == [[0, 8, 0]] * 3
     with pytest.raises(hawq.BudgetError):
         ChannelAllocator(layers, (2, 4, 8), Budget("avg_bits", 1.5))
 

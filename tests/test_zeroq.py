@@ -91,6 +91,22 @@ def test_distillation_reduces_bn_loss_100x():
     json.dumps(res.to_dict())
 
 
+def test_label_term_gives_class_confident_samples_and_still_matches_bn():
+    m = small_cnn()
+    plain = distill_data(m, (3, 8, 8), batch_size=16, iterations=150, seed=0)
+    lab = distill_data(m, (3, 8, 8), batch_size=16, iterations=150, seed=0, label_weight=1.0)
+    with torch.no_grad():
+        out_plain, out_lab = m(plain.data), m(lab.data)
+    targets = torch.arange(16) % out_lab.shape[1]
+    # the samples are classified as their round-robin labels, unlike ZeroQ's plain samples
+    assert (out_lab.argmax(1) == targets).float().mean() >= 0.9
+    assert F.cross_entropy(out_lab, targets) < F.cross_entropy(out_plain, targets)
+    assert lab.reduction >= 20.0 and lab.extra["label_weight"] == 1.0  # BN still matched
+    assert lab.losses[0] == pytest.approx(plain.losses[0])  # losses stay the BN loss
+    with pytest.raises(ConfigError, match="label_weight"):
+        distill_data(m, (3, 8, 8), iterations=1, label_weight=-1.0)
+
+
 def test_bn_pairing_follows_forward_hooks_not_registration_order():
     m = Shuffled().eval()
     x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))

@@ -6,9 +6,8 @@ most sensitive channels get the most bits. A layer's plan is therefore a vector 
 the bit widths (ascending), and its per-channel ``w_bits`` list follows from the trace order.
 
 * :class:`ChannelAllocator`: ratios (L, B) -> integer counts by largest remainder, then the
-  budget is enforced by construction: the last layers are squeezed (their lowest-trace channels
-  above the lowest width are lowered, one level at a time, from the last layer backwards, as HAQ
-  does) until the size fits, and unused budget is given back greedily (promote the channel with
+  budget is enforced by construction, as HAQ's final action wall does: in rounds from the last
+  layer backwards, each layer's channels drop one width until the size fits; unused budget is given back greedily (promote the channel with
   the best estimated loss drop per bit, keeping the trace order) until no single promotion fits.
 * :func:`hessian_group_plan`: the Hessian-only baseline: each layer's trace-sorted channels are
   split into ``groups`` groups, Omega_g(b) = sum_c Tr(H_c)/n_c x ||Q_b(W_c) - W_c||^2 over the
@@ -205,28 +204,29 @@ class ChannelAllocator:
         return np.stack([ratios_to_counts(r, l.channels) for r, l in zip(ratios, self.layers)])
 
     def squeeze(self, counts: np.ndarray, start: int = 0) -> np.ndarray:
-        """Lower channels until the plan fits: from the last layer back to ``start``, the
-        lowest-trace channel above the lowest width drops one width at a time (HAQ's rule,
-        at channel granularity). Layers before ``start`` are squeezed only if that is not
-        enough. Cost: at most sum_l C_l (B-1) integer steps."""
+        """Lower channels until the plan fits, by HAQ's final action wall at channel
+        granularity: in rounds, walk the layers from the last back to the first and lower
+        *every* channel of the layer above the lowest width by one width, stopping as soon as
+        the plan fits. A layer therefore loses at most one width per round, and the last layers
+        are lowered first within a round. (``start`` is kept for compatibility and ignored;
+        the give-back step then spends any overshoot.) Cost: at most (B-1) rounds over L
+        layers, O(L B^2)."""
         counts = np.array(counts, dtype=np.int64)
         excess = self.size_bits(counts) - self.limit
-        order = list(range(len(self.layers) - 1, start - 1, -1)) + \
-            list(range(start - 1, -1, -1))
-        for l in order:
-            if excess <= 0:
-                break
-            while excess > 0:
-                nz = np.flatnonzero(counts[l, 1:]) + 1
-                if nz.size == 0:
+        while excess > 0:
+            lowered = False
+            for l in range(len(self.layers) - 1, -1, -1):
+                if excess <= 0:
                     break
-                j = int(nz[0])  # lowest width above the minimum that has channels
-                step = int(self.unit[l] * (self.bits[j] - self.bits[j - 1]))
-                # move as many channels of this level as needed in one go
-                k = min(int(counts[l, j]), int(-(-excess // step)))
-                counts[l, j] -= k
-                counts[l, j - 1] += k
-                excess -= k * step
+                row = counts[l]
+                if not row[1:].any():
+                    continue
+                saved = int(self.unit[l] * (row[1:] * np.diff(self.bits)).sum())
+                counts[l] = np.concatenate([[row[0] + row[1]], row[2:], [0]])
+                excess -= saved
+                lowered = True
+            if not lowered:  # everything at the lowest width (infeasible caught in __init__)
+                break
         return counts
 
     def give_back(self, counts: np.ndarray) -> np.ndarray:

