@@ -14,7 +14,7 @@ symmetric per-channel min/max quantizer and activations left float (a_bits 32) i
 Top-1 is measured on the 10,000 CIFAR-10 test images (``--quick``: 1,000 and few episodes).
 The reward-split KL of every plan is reported too, so the search is judged on its own objective.
 
-    python benchmarks/cw_hawq.py                  # full: ~10 min DDPG per target on 2 cores
+    python benchmarks/cw_hawq.py                  # full: 300 episodes, ~7 min DDPG per target on 2 cores
     python benchmarks/cw_hawq.py --quick          # smoke
 """
 
@@ -50,8 +50,8 @@ def main() -> None:
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--avg-bits", default="3,4")
     p.add_argument("--episodes", type=int, default=300)
-    p.add_argument("--time-budget", type=float, default=280.0,
-                   help="seconds of DDPG search per target at most (default 280)")
+    p.add_argument("--time-budget", type=float, default=900.0,
+                   help="seconds of DDPG search per target at most (default 900)")
     p.add_argument("--hessian-samples", type=int, default=256)
     p.add_argument("--probes", type=int, default=50)
     p.add_argument("--reward-samples", type=int, default=1000)
