@@ -102,6 +102,13 @@ def test_activation_calibration_freezes_range():
     assert (float(act.lo), float(act.hi)) == (lo, hi)
     out = model.fc.act(torch.linspace(lo, hi, 1000))
     assert out.unique().numel() <= 16
+    # the calibrated ranges are ordinary tensors: another model's ranges can be loaded into them
+    assert not act.lo.is_inference() and not act.hi.is_inference()
+    other = tiny()
+    hawq.quantize_(other, hawq.BitPlan.uniform(8, 4))
+    hawq.calibrate_(other, x * 3)
+    act.load_state_dict(other.fc.act.state_dict())
+    assert float(act.hi) == float(other.fc.act.hi) != hi
 
 
 def test_percentile_calibration_clips_outliers():

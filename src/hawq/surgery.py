@@ -159,14 +159,26 @@ def _batches(data: Any, batch_size: int) -> Iterable[torch.Tensor]:
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-@torch.inference_mode()
 def calibrate_(model: nn.Module, data: Any, batch_size: int = 256,
                max_samples: int | None = None) -> int:
     """Calibrate every activation quantizer on ``data``, then freeze them. Returns samples used.
 
     ``data``: a tensor of inputs, a TensorDataset, or an iterable of batches (x or (x, y)).
-    Cost: one forward over at most ``max_samples`` samples, model in eval mode.
+    Cost: one forward over at most ``max_samples`` samples, model in eval mode. The forward
+    runs under ``torch.inference_mode``; the calibrated ranges are returned to ordinary tensors
+    afterwards, so they can be edited or loaded into later (``load_state_dict``, fine-tuning).
     """
+    seen = _calibrate(model, data, batch_size, max_samples)
+    for q in model.modules():
+        if isinstance(q, ActQuantizer):
+            for name in ("lo", "hi", "batches"):
+                setattr(q, name, getattr(q, name).clone())  # out of inference mode
+    return seen
+
+
+@torch.inference_mode()
+def _calibrate(model: nn.Module, data: Any, batch_size: int,
+               max_samples: int | None) -> int:
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     for q in quantizers:
         q.state = "calibrating"
