@@ -203,13 +203,12 @@ class ChannelAllocator:
                               f"{len(self.bits)}) = (layers, bit widths)")
         return np.stack([ratios_to_counts(r, l.channels) for r, l in zip(ratios, self.layers)])
 
-    def squeeze(self, counts: np.ndarray, start: int = 0) -> np.ndarray:
+    def squeeze(self, counts: np.ndarray) -> np.ndarray:
         """Lower channels until the plan fits, by HAQ's final action wall at channel
         granularity: in rounds, walk the layers from the last back to the first and lower
         *every* channel of the layer above the lowest width by one width, stopping as soon as
         the plan fits. A layer therefore loses at most one width per round, and the last layers
-        are lowered first within a round. (``start`` is kept for compatibility and ignored;
-        the give-back step then spends any overshoot.) Cost: at most (B-1) rounds over L
+        are lowered first within a round (the give-back step then spends any overshoot). Cost: at most (B-1) rounds over L
         layers, O(L B^2)."""
         counts = np.array(counts, dtype=np.int64)
         excess = self.size_bits(counts) - self.limit
@@ -431,7 +430,7 @@ def compress_channelwise(cfg: Any, out_dir: str | Path | None = None, progress: 
     from hawq.hessian import analyze
     from hawq.io import write_json
     from hawq.models import build_model, get_spec
-    from hawq.pipeline import CompressResult, budget_from_config
+    from hawq.pipeline import CompressResult, budget_from_config, quantize_evaluate
 
     if cfg.bops_limit is not None or cfg.latency_table or cfg.latency_limit is not None:
         raise ConfigError(f"method={cfg.method!r} supports size budgets only (target_compression,"
@@ -488,12 +487,8 @@ def compress_channelwise(cfg: Any, out_dir: str | Path | None = None, progress: 
     times["allocation"] = time.perf_counter() - t0
     plan = BitPlan({n: LayerSpec(b, cfg.a_bits) for n, b in zip(names, chan_bits)})
 
-    t0 = time.perf_counter()
-    hawq.quantize_(model, plan, quant)
-    hawq.calibrate_(model, calib, max_samples=cfg.calib_samples)
-    ev = hawq.evaluate(model, test, progress=progress)
-    times["quantize_eval"] = time.perf_counter() - t0
-    budget_rep = hawq.budget_report(infos, plan, hawq.count_params(model))
+    ev, budget_rep = quantize_evaluate(model, plan, quant, calib, test, cfg.calib_samples,
+                                       infos, times, progress)
     rows = []
     for i, (info, lh) in enumerate(zip(infos, res.layers)):
         rows.append({"name": info.name, "type": info.type, "params": info.params,

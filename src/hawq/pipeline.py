@@ -10,10 +10,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from hawq.errors import ConfigError
 from hawq.plan import BitPlan, LayerSpec, QuantConfig
@@ -205,6 +206,22 @@ def allocate_plan(cfg: CompressConfig, names: list[str], params: np.ndarray, mac
                     latency=latency, latency_limit=cfg.latency_limit, pinned=pinned)
 
 
+def quantize_evaluate(model: nn.Module, plan: BitPlan, quant: QuantConfig, calib: Any, test: Any,
+                      calib_samples: int, infos: Sequence[Any], times: dict[str, float],
+                      progress: bool = False) -> tuple[Any, Any]:
+    """Quantize ``model`` in place with ``plan``, calibrate activations on ``calib``, evaluate
+    on ``test``; records ``times["quantize_eval"]``. Returns (EvalResult, BudgetReport).
+    Cost: one forward over at most ``calib_samples`` inputs and one pass over ``test``."""
+    import hawq
+
+    t0 = time.perf_counter()
+    hawq.quantize_(model, plan, quant)
+    hawq.calibrate_(model, calib, max_samples=calib_samples)
+    res = hawq.evaluate(model, test, progress=progress)
+    times["quantize_eval"] = time.perf_counter() - t0
+    return res, hawq.budget_report(infos, plan, hawq.count_params(model))
+
+
 def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
              progress: bool = False) -> CompressResult:
     """Analyse, allocate, quantize and evaluate ``cfg.model``; write results to ``out_dir``.
@@ -257,12 +274,8 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     times["allocation"] = time.perf_counter() - t0
     plan = BitPlan({n: LayerSpec(int(b), cfg.a_bits) for n, b in zip(names, alloc.bits)})
 
-    t0 = time.perf_counter()
-    hawq.quantize_(model, plan, quant)
-    hawq.calibrate_(model, calib, max_samples=cfg.calib_samples)
-    res = hawq.evaluate(model, test, progress=progress)
-    times["quantize_eval"] = time.perf_counter() - t0
-    budget = hawq.budget_report(infos, plan, hawq.count_params(model))
+    res, budget = quantize_evaluate(model, plan, quant, calib, test, cfg.calib_samples, infos,
+                                    times, progress)
 
     layer_rows = []
     hess = {lh["name"]: lh for lh in stats.get("hessian", {}).get("layers", [])}
