@@ -109,11 +109,12 @@ def main() -> None:
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="benchmarks/results/allocation_quality.json")
     args = p.parse_args()
     args.bits = [int(b) for b in args.bits.split(",")]
     args.compressions = [float(c) for c in args.compressions.split(",")]
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     test = load_cifar10(args.data_dir, "test", args.test_samples)
     calib = load_cifar10(args.data_dir, "train", max(args.calib_samples, args.hessian_samples))
     results = [run_model(m, args, test, calib) for m in args.models.split(",")]

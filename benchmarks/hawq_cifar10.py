@@ -9,12 +9,17 @@ KD from FP32, crop+flip, BN folded halfway). Every row is evaluated on the 10,00
 JSON is rewritten after every row so a cut-off run keeps what it measured.
 
     python benchmarks/hawq_cifar10.py --epochs 2 --json benchmarks/results/hawq_cifar10.json
+
+A long run can span sessions: ``--checkpoint-dir DIR --resume`` checkpoints every epoch of every
+row and, run again with the same arguments, continues where it stopped (rows already in the
+JSON are kept; the reported fine-tune time is the sum of the epochs' times).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import sys
 import time
@@ -46,6 +51,10 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=0.5)
     ap.add_argument("--rows", default="mp-all,mp-staged,w2a4,w3a4")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="checkpoint every epoch under DIR/<row>/ (a long run may span sessions)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each row from DIR/<row>/last.pt; merges rows into --json")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 short epoch")
     ap.add_argument("--json", default="benchmarks/results/hawq_cifar10.json")
     args = ap.parse_args()
@@ -89,6 +98,15 @@ def main() -> None:
            "activation_plan": {"bits": act.bits, "avg_bits": act.avg_bits,
                                "compression": act.compression, "seconds": t_a},
            "rows": []}
+    if args.resume:  # keep the rows an earlier (cut-off) run measured
+        try:
+            with open(args.json) as f:
+                old = json.load(f)
+            if old.get("epochs") == args.epochs:
+                out["rows"] = [r for r in old.get("rows", []) if r["row"] not in
+                               args.rows.split(",")]
+        except FileNotFoundError:
+            pass
     print(f"FP32 {fp32:.2%}; weights {alloc.compression:.2f}x ({alloc.avg_bits:.2f} bits) "
           f"{[int(b) for b in alloc.bits]}; activations {act.avg_bits:.2f} bits {act.bits}")
 
@@ -107,11 +125,16 @@ def main() -> None:
                              steps_per_epoch=args.steps_per_epoch, staged=row == "mp-staged",
                              seed=0)
         t = time.perf_counter()
-        res = finetune(m, plan, train, cfg, quant=quant, progress=sys.stderr.isatty())
+        ckpt = None if args.checkpoint_dir is None else f"{args.checkpoint_dir}/{row}"
+        res = finetune(m, plan, train, cfg, quant=quant, progress=sys.stderr.isatty(),
+                       checkpoint_dir=ckpt, resume=args.resume and ckpt is not None)
         secs = time.perf_counter() - t
+        if res.resumed_from_epoch:  # the training time of every epoch, across sessions
+            secs = sum(h["seconds"] for h in res.history)
         acc = hawq.evaluate(m, test).accuracy
         budget = hawq.budget_report(infos, plan, hawq.count_params(base))
-        rec = {"row": row, "ptq_accuracy": before, "qat_accuracy": acc,
+        rec = {"row": row, "resumed_from_epoch": res.resumed_from_epoch,
+               "ptq_accuracy": before, "qat_accuracy": acc,
                "drop_vs_fp32": fp32 - acc, "finetune_seconds": secs,
                "weight_compression": budget.weight_compression,
                "stages": res.stages if cfg.staged else None,
