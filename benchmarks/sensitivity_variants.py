@@ -33,7 +33,8 @@ from hawq.data import load_cifar10
 from hawq.hessian import analyze
 from hawq.io import write_json
 from hawq.models import build_model
-from hawq.sensitivity import _fq, _weights, measured_loss_increase, omega_matrix, weight_errors
+from hawq.sensitivity import measured_loss_increase, omega_matrix, weight_errors
+from hawq.zeroq import kl_sensitivity
 
 
 def main() -> None:
@@ -78,17 +79,7 @@ def main() -> None:
     hybrid = np.maximum(omega, meas)
     base = plan(hybrid)
     ctx = measured_loss_increase(model, (x, y), names, bits, quant, context=base)
-    with torch.no_grad():  # KL(FP32 || layer i at b bits), one forward per (layer, bits)
-        ref = F.log_softmax(model(x), 1)
-        weights = _weights(model, names)
-        kl = np.zeros_like(meas)
-        for i, w in enumerate(weights):
-            orig = w.detach().clone()
-            for j, b in enumerate(bits):
-                w.data.copy_(_fq(orig, int(b), quant))
-                kl[i, j] = float(F.kl_div(F.log_softmax(model(x), 1), ref, log_target=True,
-                                          reduction="batchmean"))
-            w.data.copy_(orig)
+    kl = kl_sensitivity(model, x, names, bits.tolist(), quant)  # ZeroQ's KL, same quantizer
 
     @torch.no_grad()
     def select_loss(wb) -> float:

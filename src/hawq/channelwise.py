@@ -7,8 +7,9 @@ the bit widths (ascending), and its per-channel ``w_bits`` list follows from the
 
 * :class:`ChannelAllocator`: ratios (L, B) -> integer counts by largest remainder, then the
   budget is enforced by construction, as HAQ's final action wall does: in rounds from the last
-  layer backwards, each layer's channels drop one width until the size fits; unused budget is given back greedily (promote the channel with
-  the best estimated loss drop per bit, keeping the trace order) until no single promotion fits.
+  layer backwards, each layer's channels drop one width until the size fits; unused budget is
+  given back greedily (promote the channel with the best estimated loss drop per bit, keeping
+  the trace order) until no single promotion fits.
 * :func:`hessian_group_plan`: the Hessian-only baseline: each layer's trace-sorted channels are
   split into ``groups`` groups, Omega_g(b) = sum_c Tr(H_c)/n_c x ||Q_b(W_c) - W_c||^2 over the
   group, and :func:`hawq.allocation.allocate` picks one width per group under the same budget.
@@ -208,8 +209,8 @@ class ChannelAllocator:
         granularity: in rounds, walk the layers from the last back to the first and lower
         *every* channel of the layer above the lowest width by one width, stopping as soon as
         the plan fits. A layer therefore loses at most one width per round, and the last layers
-        are lowered first within a round (the give-back step then spends any overshoot). Cost: at most (B-1) rounds over L
-        layers, O(L B^2)."""
+        are lowered first within a round (the give-back step then spends any overshoot).
+        Cost: at most (B-1) rounds over L layers, O(L B^2)."""
         counts = np.array(counts, dtype=np.int64)
         excess = self.size_bits(counts) - self.limit
         while excess > 0:

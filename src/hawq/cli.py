@@ -256,7 +256,8 @@ def cmd_zeroq(args: argparse.Namespace) -> dict[str, Any]:
         pin_first_last=args.pin_first_last, sensitivity=args.sensitivity,
         allocator=args.allocator, data_source=args.data_source, distill_batch=args.distill_batch,
         distill_iters=args.distill_iters, distill_lr=args.distill_lr,
-        distill_label_weight=args.distill_label_weight, calib_samples=args.calib_samples, w_clip=args.w_clip, evaluate=not args.no_eval,
+        distill_label_weight=args.distill_label_weight, calib_samples=args.calib_samples,
+        w_clip=args.w_clip, evaluate=not args.no_eval,
         test_samples=args.test_samples, seed=args.seed)
     res = zeroq(cfg, out_dir=args.out, progress=True)
     _print_table([[r["name"], r["params"], f"{max(r['omega']):.3g}" if r["omega"] else "-",
