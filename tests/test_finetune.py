@@ -56,8 +56,10 @@ def _state(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("staged", [False, True])
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged):
+@pytest.mark.parametrize("staged,stop", [(False, 1), (True, 1), (False, 2)])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged, stop):
+    # stop=1: interrupted before BN is folded; stop=2: after (the preconditioner's scales
+    # must come back from the checkpoint)
     cfg = FinetuneConfig(epochs=3, lr=0.05, batch_size=16, bn_fold_at=0.5, staged=staged,
                          distill=0.5, calib_samples=32, seed=3)
     data = _data()
@@ -65,11 +67,11 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged):
     r_full = finetune(full, PLAN, data, cfg, progress=False, checkpoint_dir=tmp_path / "a")
     part = _model()
     finetune(part, PLAN, data, cfg, progress=False, checkpoint_dir=tmp_path / "b",
-             stop_after_epoch=1)
+             stop_after_epoch=stop)
     resumed = _model()  # a fresh process: float model, state from the checkpoint only
     r_res = finetune(resumed, PLAN, data, cfg, progress=False, checkpoint_dir=tmp_path / "b",
                      resume=True)
-    assert r_res.resumed_from_epoch == 1
+    assert r_res.resumed_from_epoch == stop
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -80,6 +82,72 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged):
     # and the run really trained: weights moved
     fresh = _model()
     assert not torch.equal(fresh.fc.weight, full.fc.weight)
+
+
+class _ConvBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _conv_bn(seed=0):
+    torch.manual_seed(seed)
+    m = _ConvBn()
+    with torch.no_grad():  # channels with very different g/sqrt(v): the case that needs it
+        m.bn.weight.copy_(torch.logspace(-2, 0.5, 8))
+        m.bn.running_var.copy_(torch.logspace(-1, 1, 8))
+        m.bn.running_mean.normal_()
+    return m.eval()
+
+
+def test_folded_training_is_sgd_on_the_unfolded_weights_with_bn_frozen():
+    """fold_precondition: SGD (momentum, weight decay) on W' = s*W with grads scaled by s^2
+    equals SGD on W with BatchNorm frozen (running statistics and gamma fixed)."""
+    x, y = _data()
+    steps, lr, mom, wd = 12, 0.05, 0.9, 1e-2
+    cfg = FinetuneConfig(epochs=2, lr=lr, momentum=mom, weight_decay=wd, schedule="constant",
+                         batch_size=16, augment="none", bn_fold_at=0.0, fold_lr_scale=1.0,
+                         steps_per_epoch=steps // 2, seed=5)
+    float_plan = BitPlan({"conv": LayerSpec(32, 32), "fc": LayerSpec(32, 32)})
+    folded = _conv_bn()
+    finetune(folded, float_plan, (x, y), cfg, progress=False)
+    assert isinstance(folded.bn, nn.Identity)
+
+    ref = _conv_bn()
+    bn = ref.bn
+    bn.weight.requires_grad_(False)
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=lr,
+                          momentum=mom, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        perm = torch.randperm(len(x), generator=gen)[:steps // 2 * 16]
+        for idx in perm.split(16):
+            ref.train()
+            bn.eval()
+            loss = nn.functional.cross_entropy(ref(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            with torch.no_grad():  # the decay the folded run applies, seen from W and beta
+                for p in (ref.conv.weight, ref.fc.weight, ref.fc.bias):
+                    p.grad.add_(wd * p)
+                bn.bias.grad.add_(wd * (bn.bias - bn.running_mean * s))
+            opt.step()
+    ref.eval()
+    torch.testing.assert_close(folded.conv.weight, ref.conv.weight * s[:, None, None, None],
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(folded(x), ref(x), rtol=1e-4, atol=1e-5)
+    # without the preconditioner the same run takes another path
+    plain = _conv_bn()
+    finetune(plain, float_plan, (x, y), FinetuneConfig(**{**cfg.__dict__,
+                                                          "fold_precondition": False}),
+             progress=False)
+    assert not torch.allclose(plain.conv.weight, folded.conv.weight, atol=1e-4)
 
 
 def test_bn_pairs_follow_data_flow_and_folding_preserves_output():
