@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--a-avg-bits", type=float, default=4.0)
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--distill", type=float, default=0.5)
+    ap.add_argument("--learn-steps", action="store_true",
+                    help="LSQ: train the weight and activation step sizes (FinetuneConfig)")
     ap.add_argument("--rows", default="mp-all,mp-staged,w2a4,w3a4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint-dir", default=None,
@@ -90,7 +92,7 @@ def main() -> None:
     out = {"command": " ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
            "model": "resnet20", "fp32_accuracy": fp32, "epochs": args.epochs,
            "steps_per_epoch": args.steps_per_epoch, "train_samples": len(train),
-           "test_samples": len(test), "threads": args.threads,
+           "test_samples": len(test), "threads": args.threads, "learn_steps": args.learn_steps,
            "machine": platform.processor() or platform.machine(),
            "weight_plan": {"bits": [int(b) for b in alloc.bits], "names": names,
                            "compression": alloc.compression, "avg_bits": alloc.avg_bits,
@@ -123,7 +125,7 @@ def main() -> None:
         m = copy.deepcopy(base)
         cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, distill=args.distill,
                              steps_per_epoch=args.steps_per_epoch, staged=row == "mp-staged",
-                             seed=0)
+                             learn_steps=args.learn_steps, seed=0)
         t = time.perf_counter()
         ckpt = None if args.checkpoint_dir is None else f"{args.checkpoint_dir}/{row}"
         res = finetune(m, plan, train, cfg, quant=quant, progress=sys.stderr.isatty(),

@@ -56,12 +56,14 @@ def _state(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
-@pytest.mark.parametrize("staged,stop", [(False, 1), (True, 1), (False, 2)])
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged, stop):
+@pytest.mark.parametrize("staged,stop,learn", [(False, 1, False), (True, 1, False),
+                                               (False, 2, False), (False, 2, True),
+                                               (True, 1, True)])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged, stop, learn):
     # stop=1: interrupted before BN is folded; stop=2: after (the preconditioner's scales
-    # must come back from the checkpoint)
+    # must come back from the checkpoint); learn: LSQ step sizes are trained and restored
     cfg = FinetuneConfig(epochs=3, lr=0.05, batch_size=16, bn_fold_at=0.5, staged=staged,
-                         distill=0.5, calib_samples=32, seed=3)
+                         distill=0.5, calib_samples=32, seed=3, learn_steps=learn)
     data = _data()
     full = _model()
     r_full = finetune(full, PLAN, data, cfg, progress=False, checkpoint_dir=tmp_path / "a")
@@ -82,6 +84,65 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged, stop):
     # and the run really trained: weights moved
     fresh = _model()
     assert not torch.equal(fresh.fc.weight, full.fc.weight)
+    assert any(k.endswith("w_step") for k in a) == learn
+
+
+def test_learned_steps_train_fold_and_export_exactly(tmp_path):
+    """learn_steps: the step sizes move during QAT, folding scales them with their channel
+    (output unchanged), and the exported integer model reproduces the trained model."""
+    from hawq.export import load_quantized, save_quantized
+
+    x, y = _data(192)
+    m = _model()
+    cfg = FinetuneConfig(epochs=4, lr=0.05, batch_size=32, augment="none", calib_samples=64,
+                         learn_steps=True, bn_fold_at=None)
+    finetune(m, PLAN, (x, y), cfg, progress=False)
+    mods = quantizable_layers(m)
+    q = mods["block.conv"]
+    assert q.w_step.shape == (8,) and q.act.learn and q.act.step.requires_grad
+    start = _model()
+    from hawq.plan import QuantConfig
+    from hawq.surgery import quantize_
+    quantize_(start, PLAN, QuantConfig(learn_steps=True))
+    assert not torch.allclose(start.block.conv.w_step, q.w_step)  # trained, not the init
+    # the weight's integer grid uses the learned step: |w_q / step| are integers in range
+    wq = q.quantized_weight().detach()
+    ints = wq / q.w_step.detach().view(-1, 1, 1, 1)
+    torch.testing.assert_close(ints, ints.round(), atol=1e-4, rtol=0)
+    assert ints.round().min() >= -4 and ints.round().max() <= 3
+    ref = m(x)
+    # folding scales each channel's step with its weights: same integers, same output
+    step_before = q.w_step.detach().clone()
+    fold_bn_(m, conv_bn_pairs(m, x[:2]))
+    assert not torch.equal(q.w_step.detach(), step_before)
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
+    ref = m(x)
+    res = save_quantized(m, tmp_path / "m.safetensors")
+    arch = TinyNet()  # the folded architecture: BatchNorms are gone, conv1 has a bias
+    fold_bn_(arch, conv_bn_pairs(arch, x[:2]))
+    back = load_quantized(tmp_path / "m.safetensors", arch)
+    assert res.payload_bytes == res.accounted_bytes + res.padding_bytes  # no step params
+    assert res.payload_bytes > 0
+    torch.testing.assert_close(back(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lsq_forward_matches_fake_quantize_and_step_gradient_is_lsq():
+    from hawq.quantizers import fake_quantize, lsq_fake_quantize, minmax_qparams
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 50, generator=g) * 3
+    qp = minmax_qparams(x, 3, symmetric=True, axis=0)
+    step = (qp.scale * 0.6).clone().requires_grad_(True)
+    qp.scale = step.detach().clone()
+    xr = x.clone().requires_grad_(True)
+    out = lsq_fake_quantize(xr, step, qp, grad_scale=0.5)
+    torch.testing.assert_close(out, fake_quantize(x, qp))
+    out.sum().backward()
+    v = x / step.detach().view(-1, 1)
+    inside = (v >= -4) & (v <= 3)
+    want = torch.where(inside, v.round() - v, v.clamp(-4, 3)).sum(1) * 0.5
+    torch.testing.assert_close(step.grad, want)
+    torch.testing.assert_close(xr.grad, inside.float())
 
 
 class _ConvBn(nn.Module):

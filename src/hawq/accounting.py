@@ -88,5 +88,8 @@ def _check_channels(info: LayerInfo, n: int) -> None:
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of parameters (not buffers) of ``model``."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters (not buffers) of ``model``; learned quantizer step sizes
+    (``w_step``, ``act.step``, from ``QuantConfig(learn_steps=True)``) are quantization
+    metadata, not weights, and are not counted."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if not n.endswith(("w_step", "act.step")))

@@ -309,7 +309,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str | 
             "act": {"bits": int(act.bits), "state": act.state, "method": act.method,
                     "percentile": float(act.percentile),
                     "scale": None if act_qp is None else float(act_qp.scale),
-                    "zero_point": None if act_qp is None else int(act_qp.zero_point)},
+                    "zero_point": None if act_qp is None else int(act_qp.zero_point),
+                    "learned": bool(getattr(act, "learn", False))},
         }
         qp = m.weight_qparams()
         if qp is None:  # a float layer inside a plan (w_bits 16/32): weight stays float32
@@ -345,7 +346,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str | 
     param_names = {n for n, _ in model.named_parameters()}
     float_param_bytes = buffer_bytes = 0
     for key, t in state.items():
-        if key in packed_keys:
+        # learned step sizes are stored as the layers' scales (weights: key:scale,
+        # activations: the manifest), so the loaded model needs no LSQ parameters
+        if key in packed_keys or key.endswith((".w_step", ".act.step", ".act.zp")):
             continue
         t = t.detach().cpu()
         t = t.float() if t.is_floating_point() else t
@@ -488,6 +491,12 @@ def load_quantized(path: str | os.PathLike,
     for name, entry in man["layers"].items():
         twin = mods[name]
         twin.act.state = entry["act"]["state"]
+        if entry["act"].get("learned") and entry["act"]["scale"] is not None:
+            lo, hi = int_range(int(entry["act"]["bits"]), False)
+            twin.act.__dict__["fixed_qparams"] = QParams(
+                torch.tensor(entry["act"]["scale"], dtype=torch.float32),
+                torch.tensor(entry["act"]["zero_point"], dtype=torch.int64),
+                int(entry["act"]["bits"]), lo, hi, None)
         if not entry.get("packed"):
             continue
         key = f"{name}.weight"

@@ -38,7 +38,7 @@ import copy
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -77,6 +77,7 @@ class FinetuneConfig:
     bn_fold_at: float | None = 0.5    # fraction of steps after which BN is folded; None = never
     fold_lr_scale: float = 0.1        # lr factor once BN is folded (no BN: much less stable)
     fold_precondition: bool = True    # scale folded weights' grads by s^2 (= frozen-BN training)
+    learn_steps: bool = False         # LSQ: train weight/activation step sizes (QuantConfig)
     staged: bool = False              # HAWQ-V1 stages in decreasing Omega order
     stages: int | None = None         # merge blocks into this many stages (None: one per block)
     calib_samples: int = 512
@@ -219,6 +220,9 @@ def fold_bn_(model: nn.Module, pairs: Sequence[tuple[str, str]]) -> list[tuple[s
         w = layer.weight
         if isinstance(layer, nn.Linear) or w.shape[0] == scale.numel():
             w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))))
+            step = getattr(layer, "w_step", None)
+            if step is not None:  # learned steps follow their channel's weights
+                step.mul_(scale.abs() if step.dim() else scale.abs().max())
         else:
             raise ConfigError(f"cannot fold {bn_name} into {layer_name}: {scale.numel()} "
                               f"BatchNorm channels vs {w.shape[0]} output channels")
@@ -302,7 +306,7 @@ class _EMARange:
 
     @torch.no_grad()
     def __call__(self, q: ActQuantizer, inputs: tuple) -> None:
-        if not q.training or q.state != "frozen" or is_float(q.bits):
+        if not q.training or q.state != "frozen" or is_float(q.bits) or q.learn:
             return
         x = inputs[0].detach()
         q.lo.mul_(self.m).add_((1 - self.m) * x.min())
@@ -358,6 +362,8 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
     """
     cfg = config or FinetuneConfig()
     quant = quant or QuantConfig()
+    if cfg.learn_steps:
+        quant = replace(quant, learn_steps=True)
     x, y = _tensors(train)
     if checkpoint_dir is None and resume:
         raise ConfigError("resume=True needs checkpoint_dir= (where last.pt was written)")
@@ -425,9 +431,18 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
             for n_, s_ in fold_scales.items():
                 w = mods[n_].weight
                 precond.append((w, (s_ ** 2).to(w).reshape(-1, *([1] * (w.dim() - 1)))))
+                step = getattr(mods[n_], "w_step", None)
+                if step is not None and step.dim() == 1:  # d(s*step)/d step: same s^2
+                    precond.append((step, (s_ ** 2).to(step)))
 
     def make_opt() -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        steps = [p for k, p in model.named_parameters()
+                 if k.endswith("w_step") or k.endswith("act.step")]
+        ids = {id(p) for p in steps}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+        if steps:  # step sizes are not decayed
+            groups.append({"params": steps, "weight_decay": 0.0})
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
 
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -66,6 +66,9 @@ class QuantConfig:
     * ``w_clip``: ``"minmax"`` or ``"mse"`` (MSE-optimal clipping search, best at 2-4 bits).
     * ``a_calibration``: ``"minmax"`` or ``"percentile"`` (``a_percentile`` of |x|, per batch,
       averaged over calibration batches).
+    * ``learn_steps``: LSQ: the weight step (per channel) and activation step become trainable
+      parameters (``w_step``, ``act.step``) for quantization-aware training; initial weight steps
+      from the MSE-optimal clipping, activation steps from calibration (MSE-clipped range).
     """
 
     w_symmetric: bool = True
@@ -73,6 +76,7 @@ class QuantConfig:
     w_clip: str = "minmax"
     a_calibration: str = "minmax"
     a_percentile: float = 99.99
+    learn_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.w_clip not in ("minmax", "mse"):

@@ -8,14 +8,18 @@ Supporting a new layer type means one twin class and one :func:`register_twin` c
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hawq.errors import ConfigError
 from hawq.plan import LayerSpec, QuantConfig
-from hawq.quantizers import (check_bits, fake_quantize, is_float, mse_clip_ratios,
-                             qparams_from_range, weight_qparams)
+from hawq.quantizers import (QParams, check_bits, fake_quantize, is_float, lsq_fake_quantize,
+                             mse_clip_ratios, qparams_from_range, weight_qparams)
+
+_TINY = torch.finfo(torch.float32).tiny * 2 ** 24
 
 
 class ActQuantizer(nn.Module):
@@ -26,23 +30,33 @@ class ActQuantizer(nn.Module):
     >= 0 (after ReLU) get an unsigned quantizer with zero point 0; others an asymmetric one.
     """
 
-    def __init__(self, bits: int = 32, method: str = "minmax", percentile: float = 99.99):
+    def __init__(self, bits: int = 32, method: str = "minmax", percentile: float = 99.99,
+                 learn: bool = False):
         super().__init__()
         self.bits = check_bits(bits, "a_bits")
         self.method = method
         self.percentile = percentile
         self.state = "calibrating"
+        self.learn = bool(learn) and not is_float(self.bits)
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
         self.register_buffer("batches", torch.tensor(0))
+        self._sample: torch.Tensor | None = None
+        if self.learn:  # LSQ: trainable step, zero point fixed at calibration
+            self.step = nn.Parameter(torch.tensor(1.0))
+            self.register_buffer("zp", torch.tensor(0, dtype=torch.int64))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, method={self.method}, state={self.state}"
+        learn = ", learned step" if self.learn else ""
+        return f"bits={self.bits}, method={self.method}, state={self.state}{learn}"
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Fold one batch into the calibrated range (running min/max, or averaged percentiles)."""
         x = x.detach().float()
+        if self.learn and self._sample is None:  # values for the MSE-clipped initial step
+            flat = x.reshape(-1)
+            self._sample = flat[:: flat.numel() // 200_000 + 1].clone()
         if self.method == "minmax":
             self.lo = torch.minimum(self.lo, x.min())
             self.hi = torch.maximum(self.hi, x.max())
@@ -67,13 +81,34 @@ class ActQuantizer(nn.Module):
             raise ConfigError("activation quantizer was never calibrated: run "
                               "hawq.calibrate_(model, data) before evaluating with a_bits < 16")
         self.state = "frozen"
+        if self.learn and self.batches > 0:
+            qp = self._range_qparams()
+            if self._sample is not None and self._sample.numel() > 1:  # MSE-optimal clip
+                x = self._sample
+                alpha = mse_clip_ratios(x, self.bits, symmetric=False, axis=None)
+                lo = x.min().clamp(max=0.0) if self.lo < 0 else torch.zeros(())
+                qp = qparams_from_range(lo * alpha, x.max() * alpha, self.bits, False)
+            with torch.no_grad():
+                self.step.copy_(qp.scale)
+                self.zp.copy_(qp.zero_point)
+            self._sample = None
 
-    def qparams(self):
-        """The frozen QParams (None for float bits)."""
-        if is_float(self.bits):
-            return None
+    def _range_qparams(self) -> QParams:
         lo = self.lo.clamp(max=0.0) if self.lo < 0 else torch.zeros_like(self.lo)
         return qparams_from_range(lo, self.hi, self.bits, symmetric=False)
+
+    def qparams(self):
+        """The frozen QParams (None for float bits); with a learned step, its current value."""
+        if is_float(self.bits):
+            return None
+        fixed = self.__dict__.get("fixed_qparams")  # set by hawq.export.load_quantized
+        if fixed is not None:
+            return fixed
+        qp = self._range_qparams()
+        if self.learn:
+            qp.scale = self.step.detach().clamp_min(_TINY).clone()
+            qp.zero_point = self.zp.clone()
+        return qp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_float(self.bits):
@@ -81,6 +116,10 @@ class ActQuantizer(nn.Module):
         if self.state == "calibrating":
             self.observe(x)
             return x
+        if self.learn:
+            qp = self.qparams()
+            g = 1.0 / math.sqrt(max(1, x[0].numel()) * float(qp.qmax))
+            return lsq_fake_quantize(x, self.step, qp, g)
         return fake_quantize(x, self.qparams())
 
 
@@ -97,25 +136,44 @@ class QuantMixin:
         spec.check_channels(type(self).__name__, self.weight.shape[0])
         self.w_bits = spec.w_bits
         self.config = config
-        self.act = ActQuantizer(spec.a_bits, config.a_calibration, config.a_percentile)
+        learn = getattr(config, "learn_steps", False)
+        self.act = ActQuantizer(spec.a_bits, config.a_calibration, config.a_percentile, learn)
         ratio = None
-        if config.w_clip == "mse" and not is_float(spec.w_bits):
+        if (config.w_clip == "mse" or learn) and not is_float(spec.w_bits):
             ratio = mse_clip_ratios(self.weight, spec.w_bits, config.w_symmetric,
                                     0 if config.w_per_channel else None)
         self.clip_ratio = ratio
+        self._parameters.pop("w_step", None)
+        self.__dict__.pop("_w_static", None)
+        if learn and not is_float(spec.w_bits):  # LSQ: the step is trained from the MSE clip
+            qp = weight_qparams(self.weight, self.w_bits, config.w_symmetric,
+                                config.w_per_channel, clip_ratio=ratio)
+            self.__dict__["_w_static"] = qp
+            self.register_parameter("w_step", nn.Parameter(qp.scale.detach().clone()))
 
     @property
     def a_bits(self) -> int:
         return self.act.bits
 
     def weight_qparams(self):
-        """QParams of the current weight (None at float bits); recomputed so QAT sees updates."""
+        """QParams of the current weight (None at float bits): recomputed from the weight so QAT
+        sees updates, or with ``learn_steps`` the learned step ``w_step``."""
+        static = self.__dict__.get("_w_static")
+        if static is not None and "w_step" in self._parameters:
+            return QParams(self.w_step.detach().clamp_min(_TINY).clone(), static.zero_point,
+                           static.bits, static.qmin, static.qmax, static.axis)
         return weight_qparams(self.weight, self.w_bits, self.config.w_symmetric,
                               self.config.w_per_channel, clip_ratio=self.clip_ratio)
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight (straight-through gradient)."""
-        return fake_quantize(self.weight, self.weight_qparams())
+        """The fake-quantized weight (straight-through gradient; LSQ gradient for ``w_step``)."""
+        qp = self.weight_qparams()
+        if qp is not None and "w_step" in self._parameters:
+            per = self.weight[0].numel() if qp.axis is not None else self.weight.numel()
+            qmax = float(qp.qmax.max()) if isinstance(qp.qmax, torch.Tensor) else float(qp.qmax)
+            return lsq_fake_quantize(self.weight, self.w_step, qp,
+                                     1.0 / math.sqrt(per * max(qmax, 1.0)))
+        return fake_quantize(self.weight, qp)
 
 
 class QConv1d(QuantMixin, nn.Conv1d):
@@ -180,7 +238,8 @@ def to_float(module: nn.Module) -> nn.Module:
     for key in ("_parameters", "_buffers", "_modules"):
         state[key] = state[key].copy()
     state["_modules"].pop("act", None)
-    for key in ("w_bits", "config", "clip_ratio"):
+    state["_parameters"].pop("w_step", None)
+    for key in ("w_bits", "config", "clip_ratio", "_w_static"):
         state.pop(key, None)
     plain.__dict__.update(state)
     return plain

@@ -195,6 +195,32 @@ def fake_quantize(x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
     return xq.detach() + (x - x.detach()) * mask
 
 
+def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, qp: QParams,
+                      grad_scale: float = 1.0) -> torch.Tensor:
+    """Fake quantization with a trainable step size (LSQ, Esser et al. 2020).
+
+    The forward value equals ``fake_quantize(x, qp)`` with ``qp.scale`` replaced by ``step``
+    (same rounding, so an exported model matches exactly). Gradients: straight-through for ``x``
+    inside the range (zero outside); for ``step`` LSQ's round(x/s) - x/s inside and the clamp
+    bound outside, multiplied by ``grad_scale`` (LSQ uses 1/sqrt(elements * qmax)).
+    ``step`` is 0-d or one value per channel along ``qp.axis``. One pass over x.
+    """
+    tiny = torch.finfo(torch.float32).tiny * 2 ** 24
+    s = step.clamp_min(tiny)
+    s = (s - s * grad_scale).detach() + s * grad_scale  # value s, gradient scaled
+    if qp.axis is not None:
+        shape = [1] * x.dim()
+        shape[qp.axis] = -1
+        s = s.view(shape)
+        zero = qp.zero_point.view(shape).to(x.dtype)
+    else:
+        zero = qp.zero_point.to(x.dtype)
+    qmin, qmax = qp.bounds(x)
+    v = torch.clamp(x / s, qmin - zero, qmax - zero)  # integer bounds: same as clamping q
+    v = v + (torch.round(v) - v).detach()
+    return v * s
+
+
 def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: int | None = 0,
                     grid: int = 80, low: float = 0.2) -> torch.Tensor:
     """Per-channel clipping ratio alpha in [low, 1] minimising ||Q(x) - x||^2.
