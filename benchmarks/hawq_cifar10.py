@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--distill", type=float, default=0.5)
     ap.add_argument("--learn-steps", action="store_true",
-                    help="LSQ: train the weight and activation step sizes (FinetuneConfig)")
+                    help="LSQ: train the weight and activation step sizes (now the default)")
+    ap.add_argument("--fixed-steps", action="store_true",
+                    help="min/max/EMA step sizes, no LSQ (the earlier rows' setting)")
     ap.add_argument("--rows", default="mp-all,mp-staged,w2a4,w3a4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint-dir", default=None,
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 short epoch")
     ap.add_argument("--json", default="benchmarks/results/hawq_cifar10.json")
     args = ap.parse_args()
+    args.learn_steps = not args.fixed_steps
     if args.quick:
         args.epochs, args.steps_per_epoch = 1, 5
         args.train_samples, args.test_samples = 2048, 1000

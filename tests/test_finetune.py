@@ -136,13 +136,30 @@ def test_lsq_forward_matches_fake_quantize_and_step_gradient_is_lsq():
     qp.scale = step.detach().clone()
     xr = x.clone().requires_grad_(True)
     out = lsq_fake_quantize(xr, step, qp, grad_scale=0.5)
-    torch.testing.assert_close(out, fake_quantize(x, qp))
+    assert torch.equal(out, fake_quantize(x, qp))  # bit for bit: export reproduces it
     out.sum().backward()
     v = x / step.detach().view(-1, 1)
     inside = (v >= -4) & (v <= 3)
     want = torch.where(inside, v.round() - v, v.clamp(-4, 3)).sum(1) * 0.5
     torch.testing.assert_close(step.grad, want)
     torch.testing.assert_close(xr.grad, inside.float())
+    # per tensor, asymmetric (activations): zero point shifts the integer range
+    a = torch.rand(2, 3, 5, 5, generator=g) * 4 - 0.5
+    qa = minmax_qparams(a, 4, symmetric=False, axis=None)
+    s0 = (qa.scale * 0.7).clone().requires_grad_(True)
+    qa.scale = s0.detach().clone()
+    ar = a.clone().requires_grad_(True)
+    w = torch.randn(a.shape, generator=g)  # a non-uniform upstream gradient
+    out = lsq_fake_quantize(ar, s0, qa)
+    assert torch.equal(out, fake_quantize(a, qa))
+    (out * w).sum().backward()
+    z = float(qa.zero_point)
+    lo, hi = qa.qmin - z, qa.qmax - z
+    v = a / s0.detach()
+    inside = (v >= lo) & (v <= hi)
+    torch.testing.assert_close(ar.grad, w * inside)
+    want = (w * torch.where(inside, v.round() - v, v.clamp(lo, hi))).sum()
+    torch.testing.assert_close(s0.grad, want)
 
 
 class _ConvBn(nn.Module):
@@ -375,5 +392,12 @@ def test_cli_finetune_and_compress_finetune_write_their_outputs(tmp_path, capsys
     run = tmp_path / "run"
     assert main(["compress", "--target-compression", "6", "--out", str(run), "--finetune", "1",
                  "--steps-per-epoch", "2", "--test-samples", "200"]) == 0
-    assert (run / "finetune" / "finetune.json").exists()
+    ft = json.loads((run / "finetune" / "finetune.json").read_text())
+    assert res["finetune"]["config"]["learn_steps"] is True  # LSQ is the default
+    assert main(["finetune", "--plan", str(plan), "--epochs", "1", "--steps-per-epoch", "2",
+                 "--out", str(tmp_path / "fixed"), "--test-samples", "200",
+                 "--fixed-steps"]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "finetune.json").read_text())
+    assert fixed["finetune"]["config"]["learn_steps"] is False
+    assert len(ft["finetune"]["history"]) == 1
     assert main(["finetune", "--plan", str(tmp_path / "missing.json")]) == 2

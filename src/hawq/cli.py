@@ -283,6 +283,7 @@ def _finetune_config(args: argparse.Namespace):
     return FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           steps_per_epoch=args.steps_per_epoch, distill=args.distill,
                           staged=args.staged, stages=args.stages, seed=args.seed,
+                          learn_steps=not args.fixed_steps,
                           bn_fold_at=None if args.no_bn_fold else args.bn_fold_at)
 
 
@@ -301,6 +302,9 @@ def _add_finetune_args(p: argparse.ArgumentParser, epochs_flag: str = "--epochs"
     g.add_argument("--bn-fold-at", type=float, default=0.5,
                    help="fraction of training after which BatchNorm is folded (default 0.5)")
     g.add_argument("--no-bn-fold", action="store_true", help="keep BatchNorm unfolded")
+    g.add_argument("--fixed-steps", action="store_true",
+                   help="keep quantizer step sizes from min/max/EMA instead of learning them "
+                        "(LSQ, the default)")
     g.add_argument("--a-avg-bits", type=float, default=None,
                    help="mixed-precision activations from activation-Hessian traces at this "
                         "average (e.g. 4 = 8x activation compression); default: plan's a_bits")

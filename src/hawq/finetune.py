@@ -77,7 +77,7 @@ class FinetuneConfig:
     bn_fold_at: float | None = 0.5    # fraction of steps after which BN is folded; None = never
     fold_lr_scale: float = 0.1        # lr factor once BN is folded (no BN: much less stable)
     fold_precondition: bool = True    # scale folded weights' grads by s^2 (= frozen-BN training)
-    learn_steps: bool = False         # LSQ: train weight/activation step sizes (QuantConfig)
+    learn_steps: bool = True          # LSQ: train weight/activation step sizes (QuantConfig)
     staged: bool = False              # HAWQ-V1 stages in decreasing Omega order
     stages: int | None = None         # merge blocks into this many stages (None: one per block)
     calib_samples: int = 512

@@ -195,6 +195,29 @@ def fake_quantize(x: torch.Tensor, qp: QParams | None) -> torch.Tensor:
     return xq.detach() + (x - x.detach()) * mask
 
 
+class _LSQ(torch.autograd.Function):
+    """round(clamp(x/s, lo, hi)) * s with LSQ's gradients, in one fused node (saves x and s)."""
+
+    @staticmethod
+    def forward(ctx, x, s, lo, hi, dims, grad_scale):  # type: ignore[override]
+        ctx.save_for_backward(x, s, lo, hi)
+        ctx.dims, ctx.grad_scale = dims, grad_scale
+        return torch.round(torch.clamp(x / s, lo, hi)) * s
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, s, lo, hi = ctx.saved_tensors
+        v = x / s
+        inside = (v >= lo) & (v <= hi)
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            d = torch.where(inside, torch.round(v) - v, torch.clamp(v, lo, hi))
+            gs = (g * d).sum(dim=ctx.dims, keepdim=True) if ctx.dims else (g * d).sum()
+            gs = gs.reshape(s.shape) * ctx.grad_scale
+        return gx, gs, None, None, None, None
+
+
 def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, qp: QParams,
                       grad_scale: float = 1.0) -> torch.Tensor:
     """Fake quantization with a trainable step size (LSQ, Esser et al. 2020).
@@ -203,22 +226,24 @@ def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, qp: QParams,
     (same rounding, so an exported model matches exactly). Gradients: straight-through for ``x``
     inside the range (zero outside); for ``step`` LSQ's round(x/s) - x/s inside and the clamp
     bound outside, multiplied by ``grad_scale`` (LSQ uses 1/sqrt(elements * qmax)).
-    ``step`` is 0-d or one value per channel along ``qp.axis``. One pass over x.
+    ``step`` is 0-d or one value per channel along ``qp.axis``. One fused autograd node: the
+    forward is one pass over x, the backward two.
     """
     tiny = torch.finfo(torch.float32).tiny * 2 ** 24
-    s = step.clamp_min(tiny)
-    s = (s - s * grad_scale).detach() + s * grad_scale  # value s, gradient scaled
+    s = step.clamp_min(tiny).to(x.dtype)
     if qp.axis is not None:
         shape = [1] * x.dim()
         shape[qp.axis] = -1
         s = s.view(shape)
         zero = qp.zero_point.view(shape).to(x.dtype)
+        dims = tuple(d for d in range(x.dim()) if d != qp.axis % x.dim())
     else:
         zero = qp.zero_point.to(x.dtype)
+        dims = ()
     qmin, qmax = qp.bounds(x)
-    v = torch.clamp(x / s, qmin - zero, qmax - zero)  # integer bounds: same as clamping q
-    v = v + (torch.round(v) - v).detach()
-    return v * s
+    lo = torch.as_tensor(qmin, dtype=x.dtype) - zero  # integer bounds: same as clamping q
+    hi = torch.as_tensor(qmax, dtype=x.dtype) - zero
+    return _LSQ.apply(x, s, lo, hi, dims, float(grad_scale))
 
 
 def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: int | None = 0,
