@@ -55,6 +55,10 @@ def main() -> None:
                     help="min/max/EMA step sizes, no LSQ (the earlier rows' setting)")
     ap.add_argument("--rows", default="mp-all,mp-staged,w2a4,w3a4")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is lent")
+    ap.add_argument("--plans-from", default=None,
+                    help="reuse the weight and activation plans of an earlier run's JSON "
+                         "(skips the Hessian work; every row then trains the same plan)")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="checkpoint every epoch under DIR/<row>/ (a long run may span sessions)")
     ap.add_argument("--resume", action="store_true",
@@ -67,29 +71,48 @@ def main() -> None:
         args.epochs, args.steps_per_epoch = 1, 5
         args.train_samples, args.test_samples = 2048, 1000
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     t_all = time.perf_counter()
-    train = load_cifar10(args.data_dir, "train", args.train_samples)
-    test = load_cifar10(args.data_dir, "test", args.test_samples)
-    calib = load_cifar10(args.data_dir, "train", 512)
-    base = build_model("resnet20", data_dir=args.data_dir)
+
+    def on_device(ds):
+        return torch.utils.data.TensorDataset(*(t.to(device) for t in ds.tensors))
+
+    train = on_device(load_cifar10(args.data_dir, "train", args.train_samples))
+    test = on_device(load_cifar10(args.data_dir, "test", args.test_samples))
+    calib = on_device(load_cifar10(args.data_dir, "train", 512))
+    base = build_model("resnet20", data_dir=args.data_dir).to(device)
     fp32 = hawq.evaluate(base, test).accuracy
     infos = hawq.layers(base, test.tensors[0][:1])
     names = [i.name for i in infos]
     params = np.array([i.params for i in infos], dtype=float)
     quant = hawq.QuantConfig()
 
-    t = time.perf_counter()
-    wbits = (2, 3, 4, 8)
-    omega, _ = sensitivity_costs(base, calib, names, wbits, "hybrid", quant, seed=0)
-    alloc = allocate(omega, params, wbits, Budget("compression", args.compression),
-                     method="ilp")
-    t_w = time.perf_counter() - t
-    t = time.perf_counter()
-    act = activation_plan(base, calib, names, bits=(2, 4, 8),
-                          total=Budget("avg_bits", args.a_avg_bits), samples=256)
-    t_a = time.perf_counter() - t
-    mp = act.apply(hawq.BitPlan({n: hawq.LayerSpec(int(b), 32)
-                                 for n, b in zip(names, alloc.bits)}))
+    if args.plans_from:
+        with open(args.plans_from) as f:
+            prev = json.load(f)
+        wp, ap_ = prev["weight_plan"], prev["activation_plan"]
+        if wp["names"] != names:
+            sys.exit(f"--plans-from {args.plans_from}: its layers are not resnet20's")
+        w_bits, a_bits = [int(b) for b in wp["bits"]], [int(b) for b in ap_["bits"]]
+        weight_plan = {**wp, "seconds": 0.0, "from": args.plans_from}
+        act_plan = {**ap_, "seconds": 0.0, "from": args.plans_from}
+    else:
+        t = time.perf_counter()
+        wbits = (2, 3, 4, 8)
+        omega, _ = sensitivity_costs(base, calib, names, wbits, "hybrid", quant, seed=0)
+        alloc = allocate(omega, params, wbits, Budget("compression", args.compression),
+                         method="ilp")
+        t_w = time.perf_counter() - t
+        t = time.perf_counter()
+        act = activation_plan(base, calib, names, bits=(2, 4, 8),
+                              total=Budget("avg_bits", args.a_avg_bits), samples=256)
+        t_a = time.perf_counter() - t
+        w_bits, a_bits = [int(b) for b in alloc.bits], [int(b) for b in act.bits]
+        weight_plan = {"bits": w_bits, "names": names, "compression": alloc.compression,
+                       "avg_bits": alloc.avg_bits, "seconds": t_w}
+        act_plan = {"bits": a_bits, "avg_bits": act.avg_bits,
+                    "compression": act.compression, "seconds": t_a}
+    mp = hawq.BitPlan({n: hawq.LayerSpec(w, a) for n, w, a in zip(names, w_bits, a_bits)})
     plans = {"mp": mp, "w2a4": hawq.BitPlan.uniform(2, 4), "w3a4": hawq.BitPlan.uniform(3, 4)}
 
     out = {"command": " ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
@@ -97,12 +120,9 @@ def main() -> None:
            "steps_per_epoch": args.steps_per_epoch, "train_samples": len(train),
            "test_samples": len(test), "threads": args.threads, "learn_steps": args.learn_steps,
            "machine": platform.processor() or platform.machine(),
-           "weight_plan": {"bits": [int(b) for b in alloc.bits], "names": names,
-                           "compression": alloc.compression, "avg_bits": alloc.avg_bits,
-                           "seconds": t_w},
-           "activation_plan": {"bits": act.bits, "avg_bits": act.avg_bits,
-                               "compression": act.compression, "seconds": t_a},
-           "rows": []}
+           "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                      else "cpu"),
+           "weight_plan": weight_plan, "activation_plan": act_plan, "rows": []}
     if args.resume:  # keep the rows an earlier (cut-off) run measured
         try:
             with open(args.json) as f:
@@ -112,8 +132,9 @@ def main() -> None:
                                args.rows.split(",")]
         except FileNotFoundError:
             pass
-    print(f"FP32 {fp32:.2%}; weights {alloc.compression:.2f}x ({alloc.avg_bits:.2f} bits) "
-          f"{[int(b) for b in alloc.bits]}; activations {act.avg_bits:.2f} bits {act.bits}")
+    print(f"FP32 {fp32:.2%}; weights {weight_plan['compression']:.2f}x "
+          f"({weight_plan['avg_bits']:.2f} bits) {w_bits}; activations "
+          f"{act_plan['avg_bits']:.2f} bits {a_bits}", flush=True)
 
     def ptq(plan):
         m = copy.deepcopy(base)

@@ -151,3 +151,22 @@ def test_qat_gradients_flow_through_fake_quant():
     hawq.quantize_(model, hawq.BitPlan.uniform(4, 32))
     model(torch.randn(2, 3, 5, 5)).sum().backward()
     assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_twin_state_lives_on_the_layer_device(learn):
+    """A GPU model's twins must keep every buffer and step beside the weight. The 'meta' device
+    stands in for a GPU on CPU-only CI: any tensor made on the default device shows up as cpu."""
+    from dataclasses import replace
+
+    from hawq.qmodules import to_twin
+    from hawq.quantizers import mse_clip_ratios
+
+    conv = nn.Conv2d(3, 4, 3).to("meta")
+    twin = to_twin(conv, hawq.LayerSpec(3, 4),
+                   replace(hawq.QuantConfig(), learn_steps=learn, w_clip="mse"))
+    devices = {k: t.device.type for k, t in [*twin.named_buffers(), *twin.named_parameters()]}
+    assert set(devices.values()) == {"meta"}, devices
+    assert mse_clip_ratios(torch.empty(4, 27, device="meta"), 3, True, 0).device.type == "meta"
+    assert mse_clip_ratios(torch.empty(4, 27, device="meta"), [2, 3, 4, 8], True, 0).device.type \
+        == "meta"

@@ -137,13 +137,14 @@ def augment_cifar(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
     """
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)  # drawn on the CPU generator,
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)  # so any device draws the same
     flip = torch.rand(n, generator=gen) < 0.5
     rows = oy[:, None] + torch.arange(h)[None]                         # (N, H)
     cols = ox[:, None] + torch.arange(w)[None]                         # (N, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    idx_n = torch.arange(n)[:, None, None]
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)
+    rows = rows.to(x.device)
+    idx_n = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
 
@@ -478,6 +479,7 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
             loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
             for idx in bar:
+                idx = idx.to(x.device)
                 want = stage_of(step)
                 if want != stage:  # next HAWQ-V1 stage: quantize its blocks, calibrate them
                     stage = want

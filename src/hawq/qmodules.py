@@ -86,7 +86,7 @@ class ActQuantizer(nn.Module):
             if self._sample is not None and self._sample.numel() > 1:  # MSE-optimal clip
                 x = self._sample
                 alpha = mse_clip_ratios(x, self.bits, symmetric=False, axis=None)
-                lo = x.min().clamp(max=0.0) if self.lo < 0 else torch.zeros(())
+                lo = x.min().clamp(max=0.0) if self.lo < 0 else x.new_zeros(())
                 qp = qparams_from_range(lo * alpha, x.max() * alpha, self.bits, False)
             with torch.no_grad():
                 self.step.copy_(qp.scale)
@@ -137,7 +137,8 @@ class QuantMixin:
         self.w_bits = spec.w_bits
         self.config = config
         learn = getattr(config, "learn_steps", False)
-        self.act = ActQuantizer(spec.a_bits, config.a_calibration, config.a_percentile, learn)
+        self.act = ActQuantizer(spec.a_bits, config.a_calibration, config.a_percentile,
+                                learn).to(self.weight.device)  # beside the layer (CPU or GPU)
         ratio = None
         if (config.w_clip == "mse" or learn) and not is_float(spec.w_bits):
             ratio = mse_clip_ratios(self.weight, spec.w_bits, config.w_symmetric,

@@ -123,7 +123,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
         if axis is None or lo.dim() != 1 or lo.numel() != len(bits):
             raise ConfigError(f"{len(bits)} per-channel bit widths for a range of shape "
                               f"{tuple(lo.shape)}: give one bit width per channel along an axis")
-        bits = torch.tensor(bits, dtype=torch.int64)
+        bits = torch.tensor(bits, dtype=torch.int64, device=lo.device)
     elif is_float(bits):
         raise ConfigError(f"bits={bits} means float: there is nothing to quantize")
     qmin, qmax = int_range(bits, symmetric)
@@ -261,13 +261,13 @@ def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: in
     if isinstance(bits, list):
         if len(bits) != flat.shape[0] or axis is None:
             raise ConfigError(f"{len(bits)} per-channel bit widths for {flat.shape[0]} channels")
-        qmin, qmax = _bounds(*int_range(torch.tensor(bits), symmetric))
+        qmin, qmax = _bounds(*int_range(torch.tensor(bits, device=flat.device), symmetric))
     else:
         qmin, qmax = int_range(bits, symmetric)
-    alphas = torch.linspace(low, 1.0, grid, dtype=flat.dtype)
+    alphas = torch.linspace(low, 1.0, grid, dtype=flat.dtype, device=flat.device)
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-    best_err = torch.full((flat.shape[0],), float("inf"), dtype=flat.dtype)
-    best = torch.ones(flat.shape[0], dtype=flat.dtype)
+    best_err = torch.full((flat.shape[0],), float("inf"), dtype=flat.dtype, device=flat.device)
+    best = torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device)
     # Chunk the grid so memory stays at about 8M elements.
     step = max(1, int(8e6 // max(flat.numel(), 1)))
     for start in range(0, grid, step):
