@@ -401,3 +401,21 @@ def test_cli_finetune_and_compress_finetune_write_their_outputs(tmp_path, capsys
     assert fixed["finetune"]["config"]["learn_steps"] is False
     assert len(ft["finetune"]["history"]) == 1
     assert main(["finetune", "--plan", str(tmp_path / "missing.json")]) == 2
+
+
+def test_cli_finetune_device_errors_say_what_to_pass(tmp_path, capsys):
+    from hawq.cli import main
+    from hawq.pipeline import resolve_device
+
+    plan = tmp_path / "plan.json"
+    BitPlan.uniform(4, 8).to_json(plan)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():  # CI: asking for a GPU that is not there is a clear error
+        assert main(["finetune", "--plan", str(plan), "--device", "cuda",
+                     "--out", str(tmp_path / "ft")]) == 2
+        assert "use --device cpu" in capsys.readouterr().err
+        assert not (tmp_path / "ft").exists()

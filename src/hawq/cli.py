@@ -187,7 +187,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         ft = finetune_plan(args.model, BitPlan.from_dict(res.plan), ft_dir,
                            config=_finetune_config(args), data_dir=args.data_dir,
                            train_samples=args.train_samples, test_samples=args.test_samples,
-                           a_avg_bits=args.a_avg_bits, progress=True)
+                           a_avg_bits=args.a_avg_bits, progress=True, device=args.device)
         _print_finetune(ft, ft_dir)
         out["finetune"] = ft
     return out
@@ -309,6 +309,8 @@ def _add_finetune_args(p: argparse.ArgumentParser, epochs_flag: str = "--epochs"
                    help="mixed-precision activations from activation-Hessian traces at this "
                         "average (e.g. 4 = 8x activation compression); default: plan's a_bits")
     g.add_argument("--train-samples", type=int, default=None, help="limit training images")
+    g.add_argument("--device", default="cpu",
+                   help="where to fine-tune: cpu (default), cuda or cuda:N")
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -319,7 +321,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     res = finetune_plan(args.model, plan, args.out, config=_finetune_config(args),
                         data_dir=args.data_dir, train_samples=args.train_samples,
                         test_samples=args.test_samples, a_avg_bits=args.a_avg_bits,
-                        resume=args.resume, progress=True)
+                        resume=args.resume, progress=True, device=args.device)
     _print_finetune(res, args.out)
     return res
 

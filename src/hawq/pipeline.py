@@ -322,16 +322,32 @@ def write_outputs(out: Path, result: CompressResult, stats: dict[str, Any], omeg
                     title=f"{result.config['model']}: sensitivity and chosen bits")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, or a ConfigError that says what to pass when it is unusable."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device={name!r} is not a device ({e}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}: this PyTorch sees no CUDA GPU "
+                          f"(torch {torch.__version__}); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r}: only cpu and cuda are supported")
+    return dev
+
+
 def finetune_plan(model_name: str, plan: BitPlan, out_dir: str | Path | None = None, *,
                   config: Any = None, data_dir: str | None = None,
                   train_samples: int | None = None, test_samples: int | None = None,
                   a_avg_bits: float | None = None, a_bits_choices: tuple[int, ...] = (2, 4, 8),
-                  resume: bool = False, progress: bool = False) -> dict[str, Any]:
+                  resume: bool = False, progress: bool = False,
+                  device: str = "cpu") -> dict[str, Any]:
     """Load ``model_name`` and its data, optionally choose mixed-precision activation bits
     (``a_avg_bits``: HAWQ-V2 activation traces under that average), fine-tune under ``plan``
     with :func:`hawq.finetune.finetune`, evaluate before and after on the test set, and write
     ``finetune.json``, ``plan.json``, ``model.pt`` (the quantized state dict) and the
-    checkpoint into ``out_dir``. Returns the JSON-ready summary.
+    checkpoint into ``out_dir``. Returns the JSON-ready summary. ``device`` ("cpu", "cuda",
+    "cuda:1") is where the model trains; batches move there one at a time.
 
     Cost: the fine-tuning's (see :mod:`hawq.finetune`) plus two passes over the test set.
     """
@@ -344,8 +360,9 @@ def finetune_plan(model_name: str, plan: BitPlan, out_dir: str | Path | None = N
     from hawq.models import build_model, get_spec
 
     cfg = config or FinetuneConfig()
+    dev = resolve_device(device)
     spec = get_spec(model_name)
-    model = build_model(model_name, pretrained=True, data_dir=data_dir)
+    model = build_model(model_name, pretrained=True, data_dir=data_dir).to(dev)
     train = load_dataset(spec.dataset, "train", data_dir, train_samples)
     test = load_dataset(spec.dataset, "test", data_dir, test_samples)
     fp32 = hawq.evaluate(model, test, progress=progress).accuracy
@@ -375,7 +392,7 @@ def finetune_plan(model_name: str, plan: BitPlan, out_dir: str | Path | None = N
         out.mkdir(parents=True, exist_ok=True)
         plan.to_json(out / "plan.json")
         buf = _io.BytesIO()
-        torch.save(model.state_dict(), buf)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
         atomic_write_bytes(out / "model.pt", buf.getvalue())
         write_json(out / "finetune.json", summary)
     return summary
