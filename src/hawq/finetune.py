@@ -450,7 +450,9 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
     result = FinetuneResult(config=asdict(cfg), stages=stages)
     start_epoch, step, stage, folded = 0, 0, 0, False
     if resume and ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # on the CPU: the generator states must stay there; load_state_dict copies the
+        # weights and optimizer state onto the model's device (so a GPU run resumes anywhere)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         stage, folded = state["stage"], state["folded"]
         fold_scales.update(state.get("fold_scales", {}))
         build(stage, folded)
