@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -88,9 +89,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     plan = (hawq.BitPlan.from_json(args.plan) if args.plan
             else hawq.BitPlan.uniform(args.w_bits, args.a_bits))
     config = hawq.QuantConfig(w_clip=args.w_clip, a_calibration=args.a_calibration)
-    report = hawq.quantize_(model, plan, config)
     calib = load_dataset(spec.dataset, "train", args.data_dir, args.calib_samples)
+    reference = copy.deepcopy(model).eval() if args.bias_correct else None
+    report = hawq.quantize_(model, plan, config)
     hawq.calibrate_(model, calib)
+    if reference is not None:  # the same steps as hawq.biascorr.quantize_calibrate_
+        hawq.bias_correct_(model, reference, calib, max_samples=args.calib_samples or 512)
+        hawq.calibrate_(model, calib)
     res = hawq.evaluate(model, test, progress=True)
     size = hawq.budget_report(infos, plan, hawq.count_params(model))
     print(f"{args.model}  plan: {'file ' + args.plan if args.plan else f'W{args.w_bits}A{args.a_bits}'}"
@@ -159,6 +164,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         pin_first_last=args.pin_first_last, hessian_samples=args.samples,
         max_probes=args.max_probes, calib_samples=args.calib_samples,
         test_samples=args.test_samples, w_clip=args.w_clip, seed=args.seed,
+        bias_correct=args.bias_correct,
         episodes=args.episodes, reward_samples=args.reward_samples,
         channel_groups=args.channel_groups)
     res = compress(cfg, out_dir=args.out, progress=True)
@@ -352,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, default=8, help="activation bits (1-8, or 32)")
     p.add_argument("--plan", default=None, help="bit plan JSON instead of --w-bits/--a-bits")
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--bias-correct", action="store_true",
+                   help="after quantizing, correct each layer's bias so its mean output per "
+                        "channel matches FP32 on the calibration images (hawq.bias_correct_)")
     p.add_argument("--a-calibration", default="minmax", choices=["minmax", "percentile"])
     p.add_argument("--calib-samples", type=int, default=512,
                    help="training images used to calibrate activation ranges (default 512)")
@@ -395,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--bias-correct", action="store_true",
+                   help="after quantizing, correct each layer's bias so its mean output per "
+                        "channel matches FP32 on the calibration images (hawq.bias_correct_)")
     p.add_argument("--out", default=None, help="directory for plan, metrics, plots")
     _add_budget_args(p)
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",

@@ -22,7 +22,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         plan = BitPlan.from_json(Path(args.run) / "plan.json")
         model_name, data_dir = cfg["model"], args.data_dir or cfg.get("data_dir")
         kw = dict(w_clip=cfg.get("w_clip", "minmax"), calib_samples=cfg.get("calib_samples", 512),
-                  hessian_samples=cfg.get("hessian_samples", 256), seed=cfg.get("seed", 0))
+                  hessian_samples=cfg.get("hessian_samples", 256), seed=cfg.get("seed", 0),
+                  bias_correct=cfg.get("bias_correct", False))
         out = args.out or str(Path(args.run) / "model.safetensors")
     else:
         if not (args.model and args.plan and args.out):

@@ -497,6 +497,8 @@ def load_quantized(path: str | os.PathLike,
                 torch.tensor(entry["act"]["scale"], dtype=torch.float32),
                 torch.tensor(entry["act"]["zero_point"], dtype=torch.int64),
                 int(entry["act"]["bits"]), lo, hi, None)
+        if twin.bias is None and f"{name}.bias" in tensors:  # added by hawq.bias_correct_
+            twin.bias = nn.Parameter(torch.zeros(twin.weight.shape[0]))
         if not entry.get("packed"):
             continue
         key = f"{name}.weight"
@@ -553,11 +555,12 @@ def roundtrip_equal(model: nn.Module, loaded: nn.Module, x: torch.Tensor) -> boo
 
 def quantized_from_plan(model_name: str, plan: BitPlan, *, data_dir: str | None = None,
                         w_clip: str = "minmax", calib_samples: int = 512,
-                        hessian_samples: int = 256, seed: int = 0) -> nn.Module:
+                        hessian_samples: int = 256, seed: int = 0,
+                        bias_correct: bool = False) -> nn.Module:
     """Build ``model_name`` pretrained, quantize it with ``plan`` and calibrate its activations
     the way :func:`hawq.pipeline.compress` does (same data, same order), so exporting a run's
     plan reproduces the run's model. Cost: one calibration pass over ``calib_samples``."""
-    import hawq
+    from hawq.biascorr import quantize_calibrate_
     from hawq.data import load_dataset
     from hawq.models import build_model, get_spec
 
@@ -565,9 +568,8 @@ def quantized_from_plan(model_name: str, plan: BitPlan, *, data_dir: str | None 
     spec = get_spec(model_name)
     model = build_model(model_name, pretrained=True, data_dir=data_dir)
     calib = load_dataset(spec.dataset, "train", data_dir, max(calib_samples, hessian_samples))
-    hawq.quantize_(model, plan, QuantConfig(w_clip=w_clip))
-    hawq.calibrate_(model, calib, max_samples=calib_samples)
-    return model
+    return quantize_calibrate_(model, plan, QuantConfig(w_clip=w_clip), calib, calib_samples,
+                               bias_correct)
 
 
 def size_check(res: ExportResult, tolerance: float = 0.01) -> dict[str, Any]:

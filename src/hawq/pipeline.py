@@ -61,6 +61,7 @@ class CompressConfig:
     calib_samples: int = 512
     test_samples: int | None = None
     w_clip: str = "minmax"
+    bias_correct: bool = False  # empirical bias correction after quantizing (hawq.bias_correct_)
     seed: int = 0
     episodes: int = 100  # cw-hawq: DDPG episodes
     reward_samples: int = 1000  # cw-hawq: held-out training images for the reward
@@ -118,12 +119,15 @@ def budget_from_config(cfg: CompressConfig):
 def sensitivity_costs(model: torch.nn.Module, calib: Any, names: list[str], bits: tuple[int, ...],
                       sensitivity: str, quant: QuantConfig, *, hessian_samples: int = 256,
                       max_probes: int = 50, tol: float = 1e-2, seed: int = 0,
-                      progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                      progress: bool = False,
+                      bias_correct: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Omega (L×B) for ``sensitivity`` and the per-layer statistics behind it.
 
     Cost: ``hawq-v2`` one Hutchinson run (<= max_probes HVPs on ``hessian_samples`` images);
     ``hawq-v1`` power iteration per layer; ``measured`` 1 + L·B forward passes over ``calib``;
-    ``hybrid`` both a Hutchinson run and the measured losses.
+    ``hybrid`` both a Hutchinson run and the measured losses. With ``bias_correct`` the
+    measured losses are those left after bias correction (the plan is then chosen for a model
+    that will be bias-corrected); one more forward pass.
     """
     from hawq.hessian import analyze
     from hawq.sensitivity import measured_loss_increase, omega_matrix, weight_errors
@@ -146,7 +150,8 @@ def sensitivity_costs(model: torch.nn.Module, calib: Any, names: list[str], bits
                for lh in res.layers]
         omega = omega_matrix(eig, errors)
     if sensitivity in ("measured", "hybrid"):
-        measured = measured_loss_increase(model, (x, y), names, bits, quant, progress=progress)
+        measured = measured_loss_increase(model, (x, y), names, bits, quant, progress=progress,
+                                          bias_correct=bias_correct)
         stats["measured"] = measured.tolist()
         # measured losses below zero are noise around 0 at high bits: a cost is never negative
         omega = (np.maximum(measured, 0.0) if sensitivity == "measured"
@@ -208,15 +213,16 @@ def allocate_plan(cfg: CompressConfig, names: list[str], params: np.ndarray, mac
 
 def quantize_evaluate(model: nn.Module, plan: BitPlan, quant: QuantConfig, calib: Any, test: Any,
                       calib_samples: int, infos: Sequence[Any], times: dict[str, float],
-                      progress: bool = False) -> tuple[Any, Any]:
-    """Quantize ``model`` in place with ``plan``, calibrate activations on ``calib``, evaluate
-    on ``test``; records ``times["quantize_eval"]``. Returns (EvalResult, BudgetReport).
+                      progress: bool = False, bias_correct: bool = False) -> tuple[Any, Any]:
+    """Quantize ``model`` in place with ``plan``, calibrate activations on ``calib`` (and with
+    ``bias_correct`` correct the biases, :func:`hawq.bias_correct_`), evaluate on ``test``;
+    records ``times["quantize_eval"]``. Returns (EvalResult, BudgetReport).
     Cost: one forward over at most ``calib_samples`` inputs and one pass over ``test``."""
     import hawq
+    from hawq.biascorr import quantize_calibrate_
 
     t0 = time.perf_counter()
-    hawq.quantize_(model, plan, quant)
-    hawq.calibrate_(model, calib, max_samples=calib_samples)
+    quantize_calibrate_(model, plan, quant, calib, calib_samples, bias_correct)
     res = hawq.evaluate(model, test, progress=progress)
     times["quantize_eval"] = time.perf_counter() - t0
     return res, hawq.budget_report(infos, plan, hawq.count_params(model))
@@ -275,7 +281,7 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     plan = BitPlan({n: LayerSpec(int(b), cfg.a_bits) for n, b in zip(names, alloc.bits)})
 
     res, budget = quantize_evaluate(model, plan, quant, calib, test, cfg.calib_samples, infos,
-                                    times, progress)
+                                    times, progress, bias_correct=cfg.bias_correct)
 
     layer_rows = []
     hess = {lh["name"]: lh for lh in stats.get("hessian", {}).get("layers", [])}

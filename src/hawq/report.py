@@ -268,7 +268,8 @@ def reconstructed_command(config: dict[str, Any]) -> str:
              "latency_table": "--latency-table", "latency_limit": "--latency-limit",
              "pin_first_last": "--pin-first-last", "hessian_samples": "--samples",
              "max_probes": "--max-probes", "calib_samples": "--calib-samples",
-             "test_samples": "--test-samples", "w_clip": "--w-clip", "seed": "--seed"}
+             "test_samples": "--test-samples", "w_clip": "--w-clip", "seed": "--seed",
+             "bias_correct": "--bias-correct"}
     out = ["hawq", "compress"]
     for key, flag in flags.items():
         v = config.get(key)
@@ -278,6 +279,9 @@ def reconstructed_command(config: dict[str, Any]) -> str:
         if v is None or v == d or (key == "method" and v is None):
             continue
         if key in ("sensitivity", "allocator") and config.get("method"):
+            continue
+        if isinstance(v, bool):  # store_true flags
+            out += [flag] if v else []
             continue
         out += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
     return shlex.join(out)

@@ -75,14 +75,18 @@ def _pairs(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
                            bits: Sequence[int], config: QuantConfig | None = None,
                            batch_size: int = 256, progress: bool = False,
-                           context: Sequence[int] | None = None) -> np.ndarray:
+                           context: Sequence[int] | None = None,
+                           bias_correct: bool = False) -> np.ndarray:
     """Delta L_i(b) = L(W with only layer i at b bits) - L(W): an (L, B) array.
 
     Measured on ``data`` (TensorDataset or (inputs, targets)), mean cross-entropy, model in eval
     mode, weights only (activations float). With ``context`` (bits per layer of a plan), every
     other layer is held at its context bits and the base is the context with layer i in float:
     the cost of layer i *around that plan*, which sees how layers' errors interact.
-    Cost: 1 + L*B' forward passes over ``data`` (L more with ``context``), where B' counts the
+    With ``bias_correct`` each quantized layer's bias is shifted as :func:`hawq.bias_correct_`
+    would shift it (its mean output per channel on ``data`` restored to the float one), so the
+    cost is the one that remains after correction; one more forward pass gathers the layers'
+    mean inputs. Cost: 1 + L*B' forward passes over ``data`` (L more with ``context``), where B' counts the
     integer bit widths. The model's weights are restored afterwards.
     """
     config = config or QuantConfig()
@@ -103,6 +107,10 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
     originals = [w.detach().clone() for w in weights]
     if context is not None and len(context) != len(names):
         raise ConfigError(f"context has {len(context)} bit widths for {len(names)} layers")
+    if bias_correct and context is not None:
+        raise ConfigError("bias_correct=True measures each layer alone: drop context=")
+    layer_mods = [quantizable_layers(model)[n] for n in names]
+    means = _mean_inputs(model, layer_mods, x, batch_size, device) if bias_correct else None
     out = np.zeros((len(names), len(bits)))
     try:
         if context is not None:
@@ -120,7 +128,11 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
                 for j, b in enumerate(bits):
                     if not is_float(b):
                         w.data.copy_(_fq(originals[i], b, config))
-                        out[i, j] = loss() - base
+                        if means is None:
+                            out[i, j] = loss() - base
+                        else:
+                            with _shifted_bias(layer_mods[i], means[i], originals[i] - w):
+                                out[i, j] = loss() - base
                     bar.update()
             finally:
                 w.data.copy_(held)
@@ -130,6 +142,60 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
             w.data.copy_(orig)
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def _mean_inputs(model: nn.Module, mods: Sequence[nn.Module], x: torch.Tensor, batch_size: int,
+                 device: torch.device) -> list[torch.Tensor]:
+    """Each layer's input averaged over the samples (conv: per position; linear: per feature),
+    from one forward pass of the float model."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook(k: int, linear: bool):
+        def fn(_m, inp):
+            a = inp[0].detach().double()
+            a = a.reshape(-1, a.shape[-1]) if linear else a
+            sums[k] = a.sum(0) + sums.get(k, 0)
+            counts[k] = counts.get(k, 0) + a.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(k, isinstance(m, nn.Linear)))
+               for k, m in enumerate(mods)]
+    try:
+        for xb in x.split(batch_size):
+            model(xb.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [(sums[k] / counts[k]).float() for k in range(len(mods))]
+
+
+class _shifted_bias:
+    """Context: add to ``m``'s bias the mean output shift that the weight change ``dw`` causes
+    on mean input ``mean_x`` (the empirical bias correction of one layer), then restore it."""
+
+    def __init__(self, m: nn.Module, mean_x: torch.Tensor, dw: torch.Tensor):
+        self.m = m
+        if isinstance(m, nn.Linear):
+            self.shift = mean_x @ dw.t()
+        else:  # conv is linear in its input: mean of conv(x) = conv(mean x), then spatial mean
+            out = m._conv_forward(mean_x.unsqueeze(0), dw, None)
+            self.shift = out.mean(dim=[d for d in range(out.dim()) if d != 1])
+
+    def __enter__(self) -> None:
+        b = self.m.bias
+        self.saved = None if b is None else b.detach().clone()
+        if b is None:
+            self.m.bias = nn.Parameter(self.shift.to(self.m.weight))
+        else:
+            b.data.add_(self.shift.to(b))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is None:
+            self.m.bias = None
+        else:
+            self.m.bias.data.copy_(self.saved)
 
 
 @torch.no_grad()
