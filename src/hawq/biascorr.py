@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from hawq.errors import ConfigError, DataError
 from hawq.quantizers import is_float
@@ -43,14 +44,15 @@ def _channel_mean(out: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def bias_correct_(model: nn.Module, reference: nn.Module, data: Any, max_samples: int = 512,
-                  batch_size: int = 256) -> dict[str, float]:
+                  batch_size: int = 256, progress: bool = False) -> dict[str, float]:
     """Correct the biases of ``model``'s quantized layers (in place) against ``reference``.
 
     ``reference`` is the float model ``model`` was quantized from (same layer names). Weights-only
     plans work as they are; with quantized activations, call :func:`hawq.calibrate_` first (the
     ranges are then measured before the correction, so calibrating again afterwards is advised).
     Returns {layer name: mean |shift| over its channels}. Cost: 1 + L forward passes over
-    ``max_samples`` inputs for L quantized layers; no gradients.
+    ``max_samples`` inputs for L quantized layers, each of the L cut off once its layer has run;
+    no gradients. ``progress`` shows a bar over the layers.
     """
     x = _inputs(data, max_samples)
     mods = quantizable_layers(model)
@@ -71,7 +73,8 @@ def bias_correct_(model: nn.Module, reference: nn.Module, data: Any, max_samples
         return {}
     ref = _means_each(reference, names, x, batch_size, ref_device)
     shifts: dict[str, float] = {}
-    for n in ref:  # forward order, so each layer sees its inputs' corrected means
+    for n in tqdm(ref, desc="bias correction", disable=not progress, leave=False):
+        # forward order, so each layer sees its inputs' corrected means
         q = _means_each(model, [n], x, batch_size, device, stop=True)[n]
         shift = (ref[n].to(q) - q).to(mods[n].weight.dtype)
         m = mods[n]
@@ -125,7 +128,8 @@ def _means_each(net: nn.Module, layer_names: list[str], x: torch.Tensor, batch_s
 
 
 def quantize_calibrate_(model: nn.Module, plan: Any, config: Any, calib: Any,
-                        calib_samples: int | None = 512, bias_correct: bool = False) -> nn.Module:
+                        calib_samples: int | None = 512, bias_correct: bool = False,
+                        progress: bool = False) -> nn.Module:
     """The post-training recipe shared by ``hawq compress``, ``hawq eval`` and export: quantize
     ``model`` in place with ``plan``, calibrate its activation ranges on ``calib``, and with
     ``bias_correct`` correct the biases against a float copy and calibrate again (the corrected
@@ -139,6 +143,7 @@ def quantize_calibrate_(model: nn.Module, plan: Any, config: Any, calib: Any,
     quantize_(model, plan, config)
     calibrate_(model, calib, max_samples=calib_samples)
     if reference is not None:
-        bias_correct_(model, reference, calib, max_samples=calib_samples or 512)
+        bias_correct_(model, reference, calib, max_samples=calib_samples or 512,
+                      progress=progress)
         calibrate_(model, calib, max_samples=calib_samples)
     return model

@@ -94,7 +94,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     report = hawq.quantize_(model, plan, config)
     hawq.calibrate_(model, calib)
     if reference is not None:  # the same steps as hawq.biascorr.quantize_calibrate_
-        hawq.bias_correct_(model, reference, calib, max_samples=args.calib_samples or 512)
+        hawq.bias_correct_(model, reference, calib, max_samples=args.calib_samples or 512,
+                           progress=True)
         hawq.calibrate_(model, calib)
     res = hawq.evaluate(model, test, progress=True)
     size = hawq.budget_report(infos, plan, hawq.count_params(model))

@@ -222,7 +222,7 @@ def quantize_evaluate(model: nn.Module, plan: BitPlan, quant: QuantConfig, calib
     from hawq.biascorr import quantize_calibrate_
 
     t0 = time.perf_counter()
-    quantize_calibrate_(model, plan, quant, calib, calib_samples, bias_correct)
+    quantize_calibrate_(model, plan, quant, calib, calib_samples, bias_correct, progress)
     res = hawq.evaluate(model, test, progress=progress)
     times["quantize_eval"] = time.perf_counter() - t0
     return res, hawq.budget_report(infos, plan, hawq.count_params(model))
