@@ -129,21 +129,21 @@ def _means_each(net: nn.Module, layer_names: list[str], x: torch.Tensor, batch_s
 
 def quantize_calibrate_(model: nn.Module, plan: Any, config: Any, calib: Any,
                         calib_samples: int | None = 512, bias_correct: bool = False,
-                        progress: bool = False) -> nn.Module:
+                        progress: bool = False) -> Any:
     """The post-training recipe shared by ``hawq compress``, ``hawq eval`` and export: quantize
     ``model`` in place with ``plan``, calibrate its activation ranges on ``calib``, and with
     ``bias_correct`` correct the biases against a float copy and calibrate again (the corrected
-    layers feed the next layers' ranges). Returns ``model``. Cost: one calibration pass; with
+    layers feed the next layers' ranges). Returns :func:`hawq.quantize_`'s report. Cost: one calibration pass; with
     ``bias_correct`` another, plus :func:`bias_correct_`'s 1 + L passes."""
     import copy
 
     from hawq.surgery import calibrate_, quantize_
 
     reference = copy.deepcopy(model).eval() if bias_correct else None
-    quantize_(model, plan, config)
+    report = quantize_(model, plan, config)
     calibrate_(model, calib, max_samples=calib_samples)
     if reference is not None:
         bias_correct_(model, reference, calib, max_samples=calib_samples or 512,
                       progress=progress)
         calibrate_(model, calib, max_samples=calib_samples)
-    return model
+    return report

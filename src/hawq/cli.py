@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -81,6 +80,7 @@ def cmd_layers(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import hawq
+    from hawq.biascorr import quantize_calibrate_
     from hawq.data import load_dataset
 
     spec, model = _load(args)
@@ -90,13 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             else hawq.BitPlan.uniform(args.w_bits, args.a_bits))
     config = hawq.QuantConfig(w_clip=args.w_clip, a_calibration=args.a_calibration)
     calib = load_dataset(spec.dataset, "train", args.data_dir, args.calib_samples)
-    reference = copy.deepcopy(model).eval() if args.bias_correct else None
-    report = hawq.quantize_(model, plan, config)
-    hawq.calibrate_(model, calib)
-    if reference is not None:  # the same steps as hawq.biascorr.quantize_calibrate_
-        hawq.bias_correct_(model, reference, calib, max_samples=args.calib_samples or 512,
-                           progress=True)
-        hawq.calibrate_(model, calib)
+    report = quantize_calibrate_(model, plan, config, calib, args.calib_samples,
+                                 args.bias_correct, progress=True)
     res = hawq.evaluate(model, test, progress=True)
     size = hawq.budget_report(infos, plan, hawq.count_params(model))
     print(f"{args.model}  plan: {'file ' + args.plan if args.plan else f'W{args.w_bits}A{args.a_bits}'}"

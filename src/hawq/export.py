@@ -568,8 +568,9 @@ def quantized_from_plan(model_name: str, plan: BitPlan, *, data_dir: str | None 
     spec = get_spec(model_name)
     model = build_model(model_name, pretrained=True, data_dir=data_dir)
     calib = load_dataset(spec.dataset, "train", data_dir, max(calib_samples, hessian_samples))
-    return quantize_calibrate_(model, plan, QuantConfig(w_clip=w_clip), calib, calib_samples,
-                               bias_correct)
+    quantize_calibrate_(model, plan, QuantConfig(w_clip=w_clip), calib, calib_samples,
+                        bias_correct)
+    return model
 
 
 def size_check(res: ExportResult, tolerance: float = 0.01) -> dict[str, Any]:
