@@ -118,7 +118,9 @@ def test_compress_and_eval_bias_correct_on_digits(tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["config"]["bias_correct"] is True
     # export rebuilds the run's model, bias correction included
-    assert main(["export", "--run", str(run)]) == 0
+    assert main(["export", "--run", str(run), "--onnx", str(run / "m.onnx"),
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["onnx"]["agreement"] >= 0.98
     from hawq.export import load_quantized
 
     m = load_quantized(run / "model.safetensors")
