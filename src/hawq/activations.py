@@ -100,13 +100,11 @@ def activation_plan(model: nn.Module, data: Any, names: Sequence[str] | None = N
     samples.
     """
     from hawq.hessian import analyze
+    from hawq.passes import as_pair
     from hawq.sensitivity import activation_omega
     from hawq.surgery import quantizable_layers
 
-    if hasattr(data, "tensors"):
-        x, y = data.tensors[:2]
-    else:
-        x, y = data
+    x, y = as_pair(data, "data")
     x, y = x[:samples], y[:samples]
     names = list(names) if names is not None else list(quantizable_layers(model))
     res = analyze(model, (x, y), metric="activation", layers=names, seed=seed,

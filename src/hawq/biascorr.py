@@ -16,24 +16,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from hawq.errors import ConfigError, DataError
+from hawq.errors import ConfigError
+from hawq.passes import StopForward, as_inputs, hooked, run_batches
 from hawq.quantizers import is_float
 from hawq.qmodules import ActQuantizer, QuantMixin
 from hawq.surgery import quantizable_layers
-
-
-def _inputs(data: Any, max_samples: int) -> torch.Tensor:
-    if hasattr(data, "tensors"):
-        x = data.tensors[0]
-    elif isinstance(data, (tuple, list)) and len(data) and torch.is_tensor(data[0]):
-        x = data[0]
-    elif torch.is_tensor(data):
-        x = data
-    else:
-        raise DataError("bias_correct_ data must be a TensorDataset, (inputs, labels) or inputs")
-    if len(x) == 0:
-        raise DataError("bias_correct_ got no calibration inputs")
-    return x[:max_samples]
 
 
 def _channel_mean(out: torch.Tensor) -> torch.Tensor:
@@ -54,7 +41,7 @@ def bias_correct_(model: nn.Module, reference: nn.Module, data: Any, max_samples
     ``max_samples`` inputs for L quantized layers, each of the L cut off once its layer has run;
     no gradients. ``progress`` shows a bar over the layers.
     """
-    x = _inputs(data, max_samples)
+    x = as_inputs(data, "bias_correct_ data")[:max_samples]
     mods = quantizable_layers(model)
     ref_mods = dict(reference.named_modules())
     names = [n for n, m in mods.items() if isinstance(m, QuantMixin) and not is_float(m.w_bits)]
@@ -86,10 +73,6 @@ def bias_correct_(model: nn.Module, reference: nn.Module, data: Any, max_samples
     return shifts
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the one layer it measures has run."""
-
-
 def _means_each(net: nn.Module, layer_names: list[str], x: torch.Tensor, batch_size: int,
                 dev: torch.device, stop: bool = False) -> dict[str, torch.Tensor]:
     """Per-channel mean output of each named layer over ``x`` (one forward pass; with
@@ -104,22 +87,11 @@ def _means_each(net: nn.Module, layer_names: list[str], x: torch.Tensor, batch_s
             sums[name] = s if name not in sums else sums[name] + s
             counts[name] = counts.get(name, 0) + out.numel() // out.shape[1]
             if stop:
-                raise _Stop
+                raise StopForward
         return fn
 
-    handles = [named[n].register_forward_hook(hook(n)) for n in layer_names]
-    was = net.training
-    net.eval()
-    try:
-        for xb in x.split(batch_size):
-            try:
-                net(xb.to(dev))
-            except _Stop:
-                pass
-    finally:
-        net.train(was)
-        for h in handles:
-            h.remove()
+    with hooked([(named[n], hook(n)) for n in layer_names]):
+        run_batches(net, x, batch_size, dev)
     missing = [n for n in layer_names if n not in sums]
     if missing:
         raise ConfigError(f"layer {missing[0]!r} never ran in the forward pass, so its bias "

@@ -48,8 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hawq.errors import ConfigError, DataError, NumericalError
+from hawq.errors import ConfigError, NumericalError
 from hawq.io import atomic_write_bytes, write_json
+from hawq.passes import as_pair
 from hawq.plan import BitPlan, LayerSpec, QuantConfig
 from hawq.qmodules import ActQuantizer, QuantMixin
 from hawq.quantizers import is_float
@@ -261,7 +262,7 @@ def staged_order(model: nn.Module, plan: BitPlan, data: Any, names: Sequence[str
     from hawq.hessian import analyze
     from hawq.sensitivity import weight_errors
 
-    x, y = _tensors(data)
+    x, y = as_pair(data, "train data")
     res = analyze(model, (x[:samples], y[:samples]), metric="eigen", layers=list(names),
                   seed=seed, progress=progress)
     lam = {lh.name: float(lh.eigenvalue) for lh in res.layers}
@@ -275,18 +276,6 @@ def staged_order(model: nn.Module, plan: BitPlan, data: Any, names: Sequence[str
     scores = [sum(omega[n] for n in b) for b in blocks]
     order = sorted(range(len(blocks)), key=lambda i: (-scores[i], i))
     return [blocks[i] for i in order], [scores[i] for i in order]
-
-
-def _tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(data, "tensors"):
-        x, y = data.tensors[:2]
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        x, y = data
-    else:
-        raise DataError("train data must be a TensorDataset or an (inputs, labels) tensor pair")
-    if len(x) != len(y) or len(x) == 0:
-        raise DataError(f"train data has {len(x)} inputs and {len(y)} labels; need equal, > 0")
-    return x, y
 
 
 def _merge(blocks: list[list[str]], stages: int | None) -> list[list[str]]:
@@ -365,7 +354,7 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
     quant = quant or QuantConfig()
     if cfg.learn_steps:
         quant = replace(quant, learn_steps=True)
-    x, y = _tensors(train)
+    x, y = as_pair(train, "train data")
     if checkpoint_dir is None and resume:
         raise ConfigError("resume=True needs checkpoint_dir= (where last.pt was written)")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hawq.errors import ConfigError, NumericalError
+from hawq.passes import as_pair, hooked, run_batches
 from hawq.plan import QuantConfig
 from hawq.quantizers import check_bits, dequantize, is_float, quantize, weight_qparams
 from hawq.surgery import quantizable_layers
@@ -63,14 +64,6 @@ def omega_matrix(scores: Sequence[float], errors: np.ndarray) -> np.ndarray:
     return scores * errors
 
 
-def _pairs(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(data, "tensors"):
-        return data.tensors[0], data.tensors[1]
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    raise ConfigError("data: give a TensorDataset or an (inputs, targets) pair")
-
-
 @torch.no_grad()
 def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
                            bits: Sequence[int], config: QuantConfig | None = None,
@@ -90,7 +83,7 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
     integer bit widths. The model's weights are restored afterwards.
     """
     config = config or QuantConfig()
-    x, y = _pairs(data)
+    x, y = as_pair(data, "data")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -160,14 +153,8 @@ def _mean_inputs(model: nn.Module, mods: Sequence[nn.Module], x: torch.Tensor, b
             counts[k] = counts.get(k, 0) + a.shape[0]
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(k, isinstance(m, nn.Linear)))
-               for k, m in enumerate(mods)]
-    try:
-        for xb in x.split(batch_size):
-            model(xb.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked([(m, hook(k, isinstance(m, nn.Linear))) for k, m in enumerate(mods)], pre=True):
+        run_batches(model, x, batch_size, device)
     return [(sums[k] / counts[k]).float() for k in range(len(mods))]
 
 
@@ -210,7 +197,7 @@ def activation_errors(model: nn.Module, data: Any, names: Sequence[str], bits: S
     """
     from hawq.quantizers import qparams_from_range
 
-    x, _ = _pairs(data)
+    x, _ = as_pair(data, "data")
     mods = quantizable_layers(model)
     missing = [n for n in names if n not in mods]
     if missing:
@@ -240,19 +227,9 @@ def activation_errors(model: nn.Module, data: Any, names: Sequence[str], bits: S
                     err[name][j] += float((dequantize(quantize(a, qp), qp) - a).pow(2).sum())
         return hook
 
-    was_training = model.training
-    model.eval()
-    try:
-        for make in (observe, measure):
-            hooks = [mods[n].register_forward_pre_hook(make(n)) for n in names]
-            try:
-                for xb in x.split(batch_size):
-                    model(xb.to(device))
-            finally:
-                for h in hooks:
-                    h.remove()
-    finally:
-        model.train(was_training)
+    for make in (observe, measure):
+        with hooked([(mods[n], make(n)) for n in names], pre=True):
+            run_batches(model, x, batch_size, device)
     return (np.stack([err[n] for n in names]), np.array([count[n] for n in names], dtype=float))
 
 
