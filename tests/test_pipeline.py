@@ -37,6 +37,23 @@ def test_compress_digits_meets_budget(tmp_path, sensitivity, allocator):
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == res.accuracy
 
 
+def test_compress_refine_keeps_the_budget_and_records_the_search(tmp_path):
+    cfg = CompressConfig(model="digits-cnn", sensitivity="hawq-v2", bits=(2, 4, 8),
+                         target_avg_bits=3.0, hessian_samples=64, max_probes=6,
+                         calib_samples=128, refine=True, refine_samples=300,
+                         refine_candidates=8)
+    res = compress(cfg, out_dir=tmp_path)
+    r = res.refinement
+    assert r["objective"] == "kl" and r["value"] <= r["start_value"]
+    assert [row["w_bits"] for row in res.layers] == [int(b) for b in r["bits"]]
+    assert res.allocation["method"] == "refined"
+    assert res.budget["avg_bits"] <= 3.0 + 1e-9
+    assert json.loads((tmp_path / "metrics.json").read_text())["refinement"]["evaluations"] \
+        == r["evaluations"]
+    with pytest.raises(ConfigError, match="refine"):
+        CompressConfig(method="hawq-v1", refine=True)
+
+
 def test_compress_is_deterministic_under_seed():
     cfg = CompressConfig(model="digits-cnn", sensitivity="hawq-v2", bits=(2, 4, 8),
                          target_avg_bits=4.0, hessian_samples=64, max_probes=6,

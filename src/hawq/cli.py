@@ -160,7 +160,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         pin_first_last=args.pin_first_last, hessian_samples=args.samples,
         max_probes=args.max_probes, calib_samples=args.calib_samples,
         test_samples=args.test_samples, w_clip=args.w_clip, seed=args.seed,
-        bias_correct=args.bias_correct,
+        bias_correct=args.bias_correct, refine=args.refine, refine_samples=args.refine_samples,
+        refine_candidates=args.refine_candidates,
         episodes=args.episodes, reward_samples=args.reward_samples,
         channel_groups=args.channel_groups)
     res = compress(cfg, out_dir=args.out, progress=True)
@@ -172,6 +173,10 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
              else "-", r.get("mean_w_bits", r["w_bits"]), r["a_bits"]] for r in res.layers]
     _print_table(rows, ["layer", "params", "avg trace", "w_bits", "a_bits"])
     b = res.budget
+    if res.refinement is not None:
+        r = res.refinement
+        print(f"refinement: {len(r['moves'])} exchanges in {r['evaluations']} passes, KL to FP32 "
+              f"{r['start_value']:.4g} -> {r['value']:.4g} on the held-out images")
     print(f"\n{cfg.model} [{cfg.sensitivity} + {cfg.allocator}]: top-1 "
           f"{100 * res.accuracy:.2f}% (FP32 {100 * res.fp32_accuracy:.2f}%), weights "
           f"{b['weight_compression']:.2f}x ({b['avg_bits']:.2f} avg bits), model "
@@ -403,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-correct", action="store_true",
                    help="after quantizing, correct each layer's bias so its mean output per "
                         "channel matches FP32 on the calibration images (hawq.bias_correct_)")
+    p.add_argument("--refine", action="store_true",
+                   help="after allocating, try exchanges (one layer a bit width up, one down, "
+                        "same budget) measured on the whole quantized model: KL to FP32 on "
+                        "--refine-samples held-out training images (hawq.refine.refine_plan)")
+    p.add_argument("--refine-samples", type=int, default=1024)
+    p.add_argument("--refine-candidates", type=int, default=16,
+                   help="exchanges measured per refinement round (16)")
     p.add_argument("--out", default=None, help="directory for plan, metrics, plots")
     _add_budget_args(p)
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",

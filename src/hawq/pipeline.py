@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import TensorDataset
 
-from hawq.errors import ConfigError
+from hawq.errors import ConfigError, DataError
 from hawq.plan import BitPlan, LayerSpec, QuantConfig
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class CompressConfig:
     test_samples: int | None = None
     w_clip: str = "minmax"
     bias_correct: bool = False  # empirical bias correction after quantizing (hawq.bias_correct_)
+    refine: bool = False  # exchange search on the whole quantized model (hawq.refine.refine_plan)
+    refine_samples: int = 1024  # held-out training images after the calibration ones
+    refine_candidates: int = 16  # exchanges measured per round
     seed: int = 0
     episodes: int = 100  # cw-hawq: DDPG episodes
     reward_samples: int = 1000  # cw-hawq: held-out training images for the reward
@@ -85,6 +89,11 @@ class CompressConfig:
                               "target_bytes or target_fraction")
         if not targets and self.bops_limit is None and self.latency_limit is None:
             self.target_compression = 8.0
+        if self.refine and self.allocator not in ("frontier", "ilp"):
+            raise ConfigError(f"refine=True refines a frontier or ILP plan, not allocator="
+                              f"{self.allocator!r}: drop refine or use allocator='ilp'")
+        if self.refine and (self.refine_samples < 1 or self.refine_candidates < 1):
+            raise ConfigError("refine_samples and refine_candidates must be >= 1")
 
 
 @dataclass
@@ -99,6 +108,7 @@ class CompressResult:
     accuracy: float
     budget: dict[str, Any]
     uniform: dict[str, Any] = field(default_factory=dict)
+    refinement: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,13 +189,10 @@ def load_latency_table(path: str, names: list[str], bits: tuple[int, ...]) -> np
     return out
 
 
-def allocate_plan(cfg: CompressConfig, names: list[str], params: np.ndarray, macs: np.ndarray,
-                  omega: np.ndarray, stats: dict[str, Any]):
-    """Run the configured allocator; returns the :class:`hawq.allocation.Allocation`."""
-    from hawq.allocation import allocate, hawq_v1_allocate
-
+def allocation_limits(cfg: CompressConfig, names: list[str], macs: np.ndarray) -> dict[str, Any]:
+    """The keyword arguments of :func:`hawq.allocation.allocate` that ``cfg`` sets besides the
+    size budget: ``pinned`` and the BOPs/latency matrices and limits (also used to refine)."""
     bits = np.array(cfg.bits)
-    budget = budget_from_config(cfg)
     pinned = None
     if cfg.pin_first_last is not None:
         if cfg.pin_first_last not in cfg.bits:
@@ -193,6 +200,24 @@ def allocate_plan(cfg: CompressConfig, names: list[str], params: np.ndarray, mac
                               f"{cfg.bits}")
         j = cfg.bits.index(cfg.pin_first_last)
         pinned = {0: j, len(names) - 1: j}
+    latency = None
+    if cfg.latency_table:
+        latency = load_latency_table(cfg.latency_table, names, cfg.bits)
+    elif cfg.latency_limit is not None:
+        raise ConfigError("latency_limit needs latency_table (JSON: {layer: {bits: latency}})")
+    return {"pinned": pinned, "bops": macs[:, None] * bits[None, :] * cfg.a_bits,
+            "bops_limit": None if cfg.bops_limit is None else cfg.bops_limit * 1e9,
+            "latency": latency, "latency_limit": cfg.latency_limit}
+
+
+def allocate_plan(cfg: CompressConfig, names: list[str], params: np.ndarray, macs: np.ndarray,
+                  omega: np.ndarray, stats: dict[str, Any]):
+    """Run the configured allocator; returns the :class:`hawq.allocation.Allocation`."""
+    from hawq.allocation import allocate, hawq_v1_allocate
+
+    bits = np.array(cfg.bits)
+    budget = budget_from_config(cfg)
+    limits = allocation_limits(cfg, names, macs)
     if cfg.allocator == "v1-rule":
         if budget is None:
             raise ConfigError("the HAWQ-V1 rule needs a size target (e.g. target_compression)")
@@ -200,15 +225,7 @@ def allocate_plan(cfg: CompressConfig, names: list[str], params: np.ndarray, mac
         eig = [lh["eigenvalue"] if np.isscalar(lh["eigenvalue"]) else lh["eigenvalue"][0]
                for lh in layers]
         return hawq_v1_allocate(np.array(eig) / params, params, bits, budget, omega=omega)
-    bops = macs[:, None] * bits[None, :] * cfg.a_bits
-    latency = None
-    if cfg.latency_table:
-        latency = load_latency_table(cfg.latency_table, names, cfg.bits)
-    elif cfg.latency_limit is not None:
-        raise ConfigError("latency_limit needs latency_table (JSON: {layer: {bits: latency}})")
-    return allocate(omega, params, bits, budget, cfg.allocator, bops=bops,
-                    bops_limit=None if cfg.bops_limit is None else cfg.bops_limit * 1e9,
-                    latency=latency, latency_limit=cfg.latency_limit, pinned=pinned)
+    return allocate(omega, params, bits, budget, cfg.allocator, **limits)
 
 
 def quantize_evaluate(model: nn.Module, plan: BitPlan, quant: QuantConfig, calib: Any, test: Any,
@@ -249,8 +266,16 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     spec = get_spec(cfg.model)
     model = build_model(cfg.model, pretrained=True, data_dir=cfg.data_dir)
     test = load_dataset(spec.dataset, "test", cfg.data_dir, cfg.test_samples)
+    n_cal = max(cfg.calib_samples, cfg.hessian_samples)
     calib = load_dataset(spec.dataset, "train", cfg.data_dir,
-                         max(cfg.calib_samples, cfg.hessian_samples))
+                         n_cal + (cfg.refine_samples if cfg.refine else 0))
+    held = None
+    if cfg.refine:
+        held = calib.tensors[0][n_cal:]
+        calib = TensorDataset(*(t[:n_cal] for t in calib.tensors))
+        if len(held) == 0:
+            raise DataError(f"refine needs held-out training images after the {n_cal} "
+                            f"calibration ones; {spec.dataset} has no more: lower calib_samples")
     fp32 = hawq.evaluate(model, test, progress=progress)
     infos = hawq.layers(model, test.tensors[0][:1])
     names = [i.name for i in infos]
@@ -278,6 +303,17 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     t0 = time.perf_counter()
     alloc = allocate_plan(cfg, names, params, macs, omega, stats)
     times["allocation"] = time.perf_counter() - t0
+    refinement = None
+    if cfg.refine:
+        from hawq.refine import refine_plan
+
+        t0 = time.perf_counter()
+        ref = refine_plan(model, held, names, cfg.bits, omega, alloc.choices, params,
+                          budget_from_config(cfg), **allocation_limits(cfg, names, macs),
+                          candidates=cfg.refine_candidates, config=quant, progress=progress)
+        alloc = ref.allocation
+        refinement = {k: v for k, v in ref.to_dict().items() if k != "allocation"}
+        times["refine"] = time.perf_counter() - t0
     plan = BitPlan({n: LayerSpec(int(b), cfg.a_bits) for n, b in zip(names, alloc.bits)})
 
     res, budget = quantize_evaluate(model, plan, quant, calib, test, cfg.calib_samples, infos,
@@ -294,7 +330,8 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
                            "omega": [float(v) for v in omega[i]]})
     result = CompressResult(config=asdict(cfg), plan=plan.to_dict(), layers=layer_rows,
                             allocation=alloc.to_dict(), fp32_accuracy=fp32.accuracy,
-                            accuracy=res.accuracy, budget=budget.to_dict(), seconds=times)
+                            accuracy=res.accuracy, budget=budget.to_dict(),
+                            refinement=refinement, seconds=times)
     if out_dir is not None:
         write_outputs(Path(out_dir), result, stats, omega, params, names)
     return result

@@ -1,0 +1,110 @@
+"""Plan refinement on CIFAR-10 ResNets: the default hybrid ILP plan before and after
+:func:`hawq.refine.refine_plan` (exchanges measured as KL to FP32 on held-out training images).
+
+Same setting as ``allocation_quality.py`` (bits {2,3,4,8}, weights only, symmetric per-channel
+min/max, no fine-tuning, 256 Hessian images / 20 probes, single-layer losses on the first 512
+training images); the refinement data are the next ``--refine-samples`` training images, so the
+test set is never seen. Prints a table, writes JSON.
+
+    python benchmarks/refinement.py --models resnet20,resnet56 --json benchmarks/results/refinement.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import hawq
+from hawq.allocation import allocate
+from hawq.budgets import Budget
+from hawq.data import load_cifar10
+from hawq.io import write_json
+from hawq.models import build_model
+from hawq.pipeline import sensitivity_costs
+from hawq.refine import refine_plan
+
+
+def accuracy(model_name, data_dir, names, wbits, test, quant):
+    model = build_model(model_name, data_dir=data_dir)
+    hawq.quantize_(model, hawq.BitPlan({n: hawq.LayerSpec(int(b), 32)
+                                        for n, b in zip(names, wbits)}), quant)
+    return hawq.evaluate(model, test).accuracy
+
+
+def run_model(name, args, test, calib, held):
+    quant = hawq.QuantConfig(w_clip="minmax")
+    model = build_model(name, data_dir=args.data_dir)
+    infos = hawq.layers(model, test.tensors[0][:1])
+    names = [i.name for i in infos]
+    params = np.array([i.params for i in infos], dtype=float)
+    bits = np.array(args.bits)
+    t = time.perf_counter()
+    omega, _ = sensitivity_costs(model, calib, names, tuple(args.bits), "hybrid", quant,
+                                 hessian_samples=args.hessian_samples, max_probes=args.probes,
+                                 tol=0.0, seed=args.seed)
+    t_sens = time.perf_counter() - t
+    fp32 = hawq.evaluate(model, test).accuracy
+    rows = []
+    for comp in args.compressions:
+        budget = Budget("compression", comp)
+        start = allocate(omega, params, bits, budget, "ilp")
+        t = time.perf_counter()
+        ref = refine_plan(model, held, names, bits, omega, start.choices, params, budget,
+                          candidates=args.candidates, config=quant)
+        row = {"compression": comp, "seconds": time.perf_counter() - t,
+               "hybrid ilp": accuracy(name, args.data_dir, names, start.bits, test, quant),
+               "refined": accuracy(name, args.data_dir, names, ref.bits, test, quant),
+               "kl_start": ref.start_value, "kl_refined": ref.value,
+               "exchanges": len(ref.moves), "evaluations": ref.evaluations,
+               "hybrid ilp bits": [int(b) for b in start.bits],
+               "refined bits": [int(b) for b in ref.bits], "moves": ref.moves}
+        rows.append(row)
+        print(f"{name} {comp:6.2f}x  hybrid {100 * row['hybrid ilp']:.2f}  refined "
+              f"{100 * row['refined']:.2f}  KL {ref.start_value:.4f} -> {ref.value:.4f}  "
+              f"({len(ref.moves)} exchanges, {ref.evaluations} passes, {row['seconds']:.0f} s)",
+              flush=True)
+    return {"model": name, "fp32": fp32, "rows": rows, "seconds_sensitivity": t_sens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet20", help="comma list, e.g. resnet20,resnet56")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--bits", default="2,3,4,8")
+    p.add_argument("--compressions", default="6,8,10.666666666666666,12.8")
+    p.add_argument("--hessian-samples", type=int, default=256)
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--refine-samples", type=int, default=1024)
+    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--probes", type=int, default=20)
+    p.add_argument("--test-samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default="benchmarks/results/refinement.json")
+    args = p.parse_args()
+    args.bits = [int(b) for b in args.bits.split(",")]
+    args.compressions = [float(c) for c in args.compressions.split(",")]
+    torch.set_num_threads(args.threads)
+    test = load_cifar10(args.data_dir, "test", args.test_samples)
+    n_cal = max(args.calib_samples, args.hessian_samples)
+    train = load_cifar10(args.data_dir, "train", n_cal + args.refine_samples)
+    calib = torch.utils.data.TensorDataset(*(t[:n_cal] for t in train.tensors))
+    held = train.tensors[0][n_cal:]
+    results = [run_model(m, args, test, calib, held) for m in args.models.split(",")]
+    header = ["model", "compr.", "FP32", "hybrid ILP", "refined", "KL start", "KL refined",
+              "exchanges"]
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in results:
+        for row in r["rows"]:
+            print(f"| {r['model']} | {row['compression']:.2f}x | {100 * r['fp32']:.2f} | "
+                  f"{100 * row['hybrid ilp']:.2f} | {100 * row['refined']:.2f} | "
+                  f"{row['kl_start']:.4f} | {row['kl_refined']:.4f} | {row['exchanges']} |")
+    write_json(args.json, {"args": vars(args), "results": results})
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Plan refinement: a local search that checks an allocated plan on the whole quantized model.
+
+Every allocator here sums per-layer costs (Omega_i(b)) and so assumes the layers' errors add up.
+They do not quite: errors interact through the network. :func:`refine_plan` starts from an
+allocated plan and tries *exchanges* — one layer one bit width up, another one bit width down,
+within the same budget — ranked by their predicted cost change; it measures the candidates on
+calibration data with every layer quantized at once and keeps the best exchange that lowers the
+measured objective, until none does. Only the measured objective decides, so a refined plan
+never scores worse than its start on the data it was refined on.
+
+Objectives: ``"kl"`` (default), the mean KL divergence of the quantized model's softmax from the
+float model's, needs no labels (it works on distilled ZeroQ inputs); ``"loss"``, the mean
+cross-entropy against labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hawq.allocation import Allocation, _make_allocation
+from hawq.budgets import (Budget, as_bits, as_matrix, as_omega, as_params, fits, resource_limit,
+                          size_limit_bits, size_matrix, slack)
+from hawq.errors import BudgetError, ConfigError, NumericalError
+from hawq.passes import as_inputs, as_pair
+from hawq.plan import QuantConfig
+from hawq.quantizers import is_float
+from hawq.sensitivity import _fq, _weights
+
+OBJECTIVES = ("kl", "loss")
+
+
+@dataclass
+class Refinement:
+    """A refined plan. ``choices[l]`` indexes ``bits``; ``start_*`` describe the plan it began
+    from; ``value``/``start_value`` are the measured objective (mean KL or cross-entropy on the
+    refinement data); ``moves`` lists the accepted exchanges in order; ``evaluations`` counts the
+    forward passes over the data; ``allocation`` is the refined plan as
+    :func:`hawq.allocation.allocate` reports one (method ``"refined"``, ``total_omega`` under the
+    ranking ``omega``)."""
+
+    choices: list[int]
+    bits: list[float]
+    start_choices: list[int]
+    start_bits: list[float]
+    objective: str
+    value: float
+    start_value: float
+    rounds: int
+    evaluations: int
+    moves: list[dict[str, Any]] = field(default_factory=list)
+    allocation: Allocation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+def _limits(params: np.ndarray, bits: np.ndarray, shape: tuple[int, int], budget: Budget | None,
+            size: Any, bops: Any, bops_limit: Any, latency: Any, latency_limit: Any
+            ) -> list[tuple[str, np.ndarray, float]]:
+    out = []
+    if budget is not None:
+        if not isinstance(budget, Budget):
+            raise ConfigError(f"budget={budget!r}: give a Budget, e.g. Budget('compression', 8), "
+                              "or None for no size limit")
+        out.append(("budget", size_matrix(params, bits, size),
+                    size_limit_bits(budget, params, bits, size=size)))
+    for name, matrix, lim in (("bops", bops, bops_limit), ("latency", latency, latency_limit)):
+        if lim is None:
+            continue
+        if matrix is None:
+            raise ConfigError(f"{name}_limit given without the {name} matrix: pass {name}=(L, B) "
+                              "array")
+        m = as_matrix(matrix, shape, name)
+        out.append((f"{name}_limit", m, resource_limit(lim, m, f"{name}_limit")))
+    return out
+
+
+def _candidates(c: np.ndarray, omega: np.ndarray, limits: list[tuple[str, np.ndarray, float]],
+                frozen: np.ndarray, order: np.ndarray) -> list[tuple[float, tuple[int, ...]]]:
+    """Feasible moves, cheapest predicted first, as (predicted delta, (i, ci, j, cj)): layer i one
+    bit width up to choice ci and, where the limits need it, layer j one bit width down to cj
+    (j = -1: no down move). ``order`` lists the choice indices from fewest to most bits."""
+    n, top = c.size, order.size - 1
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    rows = np.arange(n)
+    cur = rank[c]
+    can_up, can_down = (cur < top) & ~frozen, (cur > 0) & ~frozen
+    up, down = order[np.minimum(cur + 1, top)], order[np.maximum(cur - 1, 0)]
+    d_up = omega[rows, up] - omega[rows, c]
+    d_dn = omega[rows, down] - omega[rows, c]
+    single = can_up.copy()
+    pair = can_up[:, None] & can_down[None, :] & ~np.eye(n, dtype=bool)
+    for _, m, lim in limits:
+        total = float(m[rows, c].sum())
+        grow, shrink = m[rows, up] - m[rows, c], m[rows, down] - m[rows, c]
+        single &= total + grow <= lim + slack(lim)
+        pair &= total + grow[:, None] + shrink[None, :] <= lim + slack(lim)
+    pair &= ~single[:, None]          # an up move that fits alone needs no partner
+    moves = [(float(d_up[i]), (int(i), int(up[i]), -1, -1)) for i in np.flatnonzero(single)]
+    ii, jj = np.nonzero(pair)
+    moves += [(float(d_up[i] + d_dn[j]), (int(i), int(up[i]), int(j), int(down[j])))
+              for i, j in zip(ii, jj)]
+    moves.sort(key=lambda m: m[0])
+    return moves
+
+
+def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequence[float],
+                omega: Any, start: Sequence[int], params: Any, budget: Budget | None = None, *,
+                size: Any = None, bops: Any = None, bops_limit: Any = None, latency: Any = None,
+                latency_limit: Any = None, pinned: Mapping[int, int] | Sequence[int] | None = None,
+                objective: str = "kl", candidates: int = 16, max_rounds: int = 50,
+                config: QuantConfig | None = None, batch_size: int = 256,
+                progress: bool = False) -> Refinement:
+    """Refine the plan ``start`` (choice indices into ``bits``, e.g. ``allocate(...).choices``).
+
+    ``omega`` (L, B) ranks the candidate exchanges (the allocator's own cost matrix); ``params``,
+    ``budget``, ``size`` and the BOPs/latency matrices and limits are those given to
+    :func:`hawq.allocation.allocate`: every exchange keeps the plan within all of them. Layers in
+    ``pinned`` (layer indices, or allocate's index -> choice mapping) keep their start bits.
+    Each round measures the ``candidates`` exchanges with the lowest predicted cost change and
+    keeps the best one that lowers the objective; the search stops when none does or after
+    ``max_rounds``. Weights only (activations float during the search), with
+    the weight quantizer of ``config`` (as :func:`hawq.quantize_`). The model is restored.
+
+    Returns a :class:`Refinement`. Cost: at most 1 + max_rounds * candidates forward passes over
+    ``data`` (plus one float pass for ``"kl"``); no Hessian-vector products.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective={objective!r}: use one of {OBJECTIVES}")
+    if candidates < 1 or max_rounds < 0:
+        raise ConfigError(f"candidates={candidates}, max_rounds={max_rounds}: need candidates "
+                          ">= 1 and max_rounds >= 0")
+    config = config or QuantConfig()
+    if objective == "loss":
+        x, y = as_pair(data, "data")
+    else:
+        x, y = as_inputs(data, "data"), None
+    b, n = as_bits(bits), as_params(params)
+    om = as_omega(omega)
+    if om.shape != (n.size, b.size) or len(names) != n.size:
+        raise ConfigError(f"omega has shape {om.shape}, {len(names)} names and {n.size} params: "
+                          "give len(names) = len(params) layers and (L, len(bits)) omega")
+    c = np.asarray(start, dtype=int)
+    if c.shape != (n.size,) or c.min() < 0 or c.max() >= b.size:
+        raise ConfigError(f"start must give one choice index in [0, {b.size}) per layer")
+    limits = _limits(n, b, om.shape, budget, size, bops, bops_limit, latency, latency_limit)
+    for what, m, lim in limits:
+        if not fits(float(m[np.arange(n.size), c].sum()), lim):
+            raise BudgetError(f"the start plan already exceeds {what}: refine a plan from "
+                              "allocate() with the same limits")
+    frozen = np.zeros(n.size, dtype=bool)
+    frozen[[int(k) for k in (pinned or ())]] = True
+    order = np.argsort(b, kind="stable")
+
+    device = next(model.parameters()).device
+    weights = _weights(model, names)
+    originals = [w.detach().clone() for w in weights]
+    quantized = [[orig if is_float(bb) else _fq(orig, int(bb), config) for bb in b]
+                 for orig in originals]
+    was_training = model.training
+    model.eval()
+    xs = x.split(batch_size)
+    ys = None if y is None else y.split(batch_size)
+
+    @torch.no_grad()
+    def outputs() -> list[torch.Tensor]:
+        return [F.log_softmax(model(xb.to(device)).float(), dim=-1) for xb in xs]
+
+    try:
+        ref = outputs() if objective == "kl" else None
+        evaluations = 0
+
+        @torch.no_grad()
+        def measure(choice: np.ndarray) -> float:
+            nonlocal evaluations
+            for w, q, k in zip(weights, quantized, choice):
+                w.data.copy_(q[k])
+            total = 0.0
+            for i, lp in enumerate(outputs()):
+                if ref is not None:
+                    total += float(F.kl_div(lp, ref[i], log_target=True, reduction="sum"))
+                else:
+                    total += float(F.nll_loss(lp, ys[i].to(device), reduction="sum"))
+            evaluations += 1
+            if not np.isfinite(total):
+                raise NumericalError(f"the {objective} objective is NaN/inf for plan "
+                                     f"{[float(b[k]) for k in choice]}: check the data and model")
+            return total / len(x)
+
+        start_c = c.copy()
+        value = start_value = measure(c)
+        moves: list[dict[str, Any]] = []
+        rounds = 0
+        bar = tqdm(total=max_rounds, desc="refining plan", disable=not progress, leave=False)
+        while rounds < max_rounds:
+            rounds += 1
+            best = None
+            for predicted, (i, ci, j, cj) in _candidates(c, om, limits, frozen, order)[:candidates]:
+                trial = c.copy()
+                trial[i] = ci
+                if j >= 0:
+                    trial[j] = cj
+                v = measure(trial)
+                if v < value and (best is None or v < best[0]):
+                    best = (v, trial, i, j, predicted)
+            bar.update()
+            if best is None:
+                break
+            v, trial, i, j, predicted = best
+            move = {"up": names[i], "up_bits": [float(b[c[i]]), float(b[trial[i]])],
+                    "value": v, "predicted_delta": predicted}
+            if j >= 0:
+                move.update(down=names[j], down_bits=[float(b[c[j]]), float(b[trial[j]])])
+            moves.append(move)
+            value, c = v, trial
+            bar.set_postfix({objective: f"{value:.4g}"})
+        bar.close()
+    finally:
+        for w, orig in zip(weights, originals):
+            w.data.copy_(orig)
+        model.train(was_training)
+    bm, lm = (None if m is None else as_matrix(m, om.shape, what)
+              for what, m in (("bops", bops), ("latency", latency)))
+    alloc = _make_allocation(c, om, n, b, size_matrix(n, b, size), bm, lm, "refined",
+                             optimal=False)
+    return Refinement(choices=[int(k) for k in c], bits=[float(b[k]) for k in c],
+                      start_choices=[int(k) for k in start_c],
+                      start_bits=[float(b[k]) for k in start_c], objective=objective,
+                      value=value, start_value=start_value, rounds=rounds,
+                      evaluations=evaluations, moves=moves, allocation=alloc)
