@@ -7,11 +7,13 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hawq import BitPlan, BudgetError, ConfigError, DataError, LayerSpec, QuantConfig, quantize_
+from hawq import BitPlan, BudgetError, ConfigError, DataError, LayerSpec, quantize_
 from hawq.allocation import allocate
 from hawq.budgets import Budget
 from hawq.refine import refine_plan
@@ -55,7 +57,7 @@ def _start(params, budget, seed=3):
 
 
 def test_refined_plan_is_measured_right_fits_and_is_a_local_optimum():
-    model, (x, y) = _model(), _data()
+    model, (x, _) = _model(), _data()
     params = _params(model)
     budget = Budget("avg_bits", 3.5)
     start = _start(params, budget)
@@ -113,7 +115,7 @@ def test_pinned_layers_keep_their_bits_and_no_rounds_means_no_change():
 
 
 def test_refine_errors_name_the_fix():
-    model, (x, y) = _model(), _data()
+    model, (x, _) = _model(), _data()
     params = _params(model)
     start = [3, 3, 3, 3]                     # all 8-bit: over a 4-bit average budget
     with pytest.raises(BudgetError, match="start plan already exceeds"):
@@ -124,3 +126,43 @@ def test_refine_errors_name_the_fix():
         refine_plan(model, x, NAMES, BITS, np.zeros((4, 4)), start, params, objective="loss")
     with pytest.raises(ConfigError, match="omega"):
         refine_plan(model, x, NAMES, BITS, np.zeros((3, 4)), start, params)
+
+
+def test_exchanges_that_need_several_layers_down_or_up_are_offered():
+    from hawq.refine import _Moves
+
+    # one 40-weight layer at 4 bits, four 10-weight layers at 8: raising the big one to 8 bits
+    # needs all four small ones at 4, which no one-for-one exchange reaches
+    params, bits = np.array([40.0, 10, 10, 10, 10]), np.array([4, 8])
+    size = params[:, None] * bits[None, :]
+    omega = np.array([[1.0, 0.0]] * 5)             # each layer costs 1 at 4 bits, 0 at 8
+    space = _Moves(omega, [("budget", size, 160.0 + 320.0)], np.zeros(5, bool),
+                   np.array([0, 1]))
+    plans = [tuple(t) for _, t in space.candidates(np.array([0, 1, 1, 1, 1]))]
+    assert (1, 0, 0, 0, 0) in plans
+    # and back: the big layer down frees enough to raise all four small ones
+    plans = [tuple(t) for _, t in space.candidates(np.array([1, 0, 0, 0, 0]))]
+    assert (0, 1, 1, 1, 1) in plans
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 10_000), st.floats(0.05, 0.95))
+def test_every_candidate_fits_keeps_pins_and_predicts_its_omega_change(n, seed, r):
+    from hawq.refine import _Moves
+
+    rng = np.random.default_rng(seed)
+    params = rng.integers(1, 50, n).astype(float)
+    size = params[:, None] * BITS[None, :]
+    limit = size[:, 0].sum() + r * (size[:, -1].sum() - size[:, 0].sum())
+    omega = np.sort(rng.random((n, 4)), axis=1)[:, ::-1].copy()   # fewer bits, more cost
+    c = allocate(rng.random((n, 4)), params, BITS, Budget("avg_bits", limit / params.sum()),
+                 "ilp").choices
+    c = np.array(c)
+    frozen = rng.random(n) < 0.3
+    space = _Moves(omega, [("budget", size, limit)], frozen, np.arange(4))
+    rows = np.arange(n)
+    for predicted, trial in space.candidates(c):
+        assert size[rows, trial].sum() <= limit * (1 + 1e-9)
+        assert (trial[frozen] == c[frozen]).all() and not (trial == c).all()
+        assert predicted == pytest.approx(omega[rows, trial].sum() - omega[rows, c].sum(),
+                                          abs=1e-9)

@@ -2,8 +2,9 @@
 
 Every allocator here sums per-layer costs (Omega_i(b)) and so assumes the layers' errors add up.
 They do not quite: errors interact through the network. :func:`refine_plan` starts from an
-allocated plan and tries *exchanges* — one layer one bit width up, another one bit width down,
-within the same budget — ranked by their predicted cost change; it measures the candidates on
+allocated plan and tries *exchanges* within the same budget — one layer one bit width up and,
+to pay for it, one or more layers one bit width down, or one layer down and the budget it frees
+spent on raising others — ranked by their predicted cost change; it measures the candidates on
 calibration data with every layer quantized at once and keeps the best exchange that lowers the
 measured objective, until none does. Only the measured objective decides, so a refined plan
 never scores worse than its start on the data it was refined on.
@@ -41,8 +42,9 @@ OBJECTIVES = ("kl", "loss")
 class Refinement:
     """A refined plan. ``choices[l]`` indexes ``bits``; ``start_*`` describe the plan it began
     from; ``value``/``start_value`` are the measured objective (mean KL or cross-entropy on the
-    refinement data); ``moves`` lists the accepted exchanges in order; ``evaluations`` counts the
-    forward passes over the data; ``allocation`` is the refined plan as
+    refinement data); ``moves`` lists the accepted exchanges in order (``layers``: name ->
+    [old bits, new bits], ``value`` after it, ``predicted_delta`` in ``omega``); ``evaluations``
+    counts the forward passes over the data; ``allocation`` is the refined plan as
     :func:`hawq.allocation.allocate` reports one (method ``"refined"``, ``total_omega`` under the
     ranking ``omega``)."""
 
@@ -84,34 +86,111 @@ def _limits(params: np.ndarray, bits: np.ndarray, shape: tuple[int, int], budget
     return out
 
 
-def _candidates(c: np.ndarray, omega: np.ndarray, limits: list[tuple[str, np.ndarray, float]],
-                frozen: np.ndarray, order: np.ndarray) -> list[tuple[float, tuple[int, ...]]]:
-    """Feasible moves, cheapest predicted first, as (predicted delta, (i, ci, j, cj)): layer i one
-    bit width up to choice ci and, where the limits need it, layer j one bit width down to cj
-    (j = -1: no down move). ``order`` lists the choice indices from fewest to most bits."""
-    n, top = c.size, order.size - 1
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    rows = np.arange(n)
-    cur = rank[c]
-    can_up, can_down = (cur < top) & ~frozen, (cur > 0) & ~frozen
-    up, down = order[np.minimum(cur + 1, top)], order[np.maximum(cur - 1, 0)]
-    d_up = omega[rows, up] - omega[rows, c]
-    d_dn = omega[rows, down] - omega[rows, c]
-    single = can_up.copy()
-    pair = can_up[:, None] & can_down[None, :] & ~np.eye(n, dtype=bool)
-    for _, m, lim in limits:
-        total = float(m[rows, c].sum())
-        grow, shrink = m[rows, up] - m[rows, c], m[rows, down] - m[rows, c]
-        single &= total + grow <= lim + slack(lim)
-        pair &= total + grow[:, None] + shrink[None, :] <= lim + slack(lim)
-    pair &= ~single[:, None]          # an up move that fits alone needs no partner
-    moves = [(float(d_up[i]), (int(i), int(up[i]), -1, -1)) for i in np.flatnonzero(single)]
-    ii, jj = np.nonzero(pair)
-    moves += [(float(d_up[i] + d_dn[j]), (int(i), int(up[i]), int(j), int(down[j])))
-              for i, j in zip(ii, jj)]
-    moves.sort(key=lambda m: m[0])
-    return moves
+class _Moves:
+    """Candidate moves around a plan ``c`` (choice indices): every one changes bits one step at a
+    time along ``order`` (choice indices from fewest to most bits) and keeps every limit."""
+
+    def __init__(self, omega: np.ndarray, limits: list[tuple[str, np.ndarray, float]],
+                 frozen: np.ndarray, order: np.ndarray) -> None:
+        self.omega, self.limits, self.frozen, self.order = omega, limits, frozen, order
+        self.rank = np.empty_like(order)
+        self.rank[order] = np.arange(order.size)
+        self.rows = np.arange(omega.shape[0])
+
+    def steps(self, c: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(up choice, down choice, can go up, can go down) per layer."""
+        cur, top = self.rank[c], self.order.size - 1
+        return (self.order[np.minimum(cur + 1, top)], self.order[np.maximum(cur - 1, 0)],
+                (cur < top) & ~self.frozen, (cur > 0) & ~self.frozen)
+
+    def excess(self, c: np.ndarray) -> np.ndarray:
+        """How far ``c`` is over each limit (<= 0: fits)."""
+        return np.array([float(m[self.rows, c].sum()) - lim - slack(lim)
+                         for _, m, lim in self.limits])
+
+    def repair(self, c: np.ndarray, locked: int) -> tuple[np.ndarray, float] | None:
+        """Lower layers (not ``locked``) one step at a time, cheapest predicted cost per unit of
+        the excess freed first, until ``c`` fits; None when it cannot."""
+        c, delta = c.copy(), 0.0
+        for _ in range(self.rows.size * self.order.size):
+            over = self.excess(c)
+            if (over <= 0).all():
+                return c, delta
+            _, down, _, can_down = self.steps(c)
+            can_down[locked] = False
+            freed = sum((m[self.rows, c] - m[self.rows, down]) / e
+                        for (_, m, _), e in zip(self.limits, over) if e > 0)
+            cost = self.omega[self.rows, down] - self.omega[self.rows, c]
+            score = np.where(can_down & (freed > 0), cost / np.maximum(freed, 1e-300), np.inf)
+            k = int(np.argmin(score))
+            if not np.isfinite(score[k]):
+                return None
+            delta += float(cost[k])
+            c[k] = down[k]
+        return None
+
+    def fill(self, c: np.ndarray, locked: int) -> tuple[np.ndarray, float]:
+        """Raise layers (not ``locked``) one step at a time while one still fits, largest
+        predicted saving first."""
+        c, delta = c.copy(), 0.0
+        for _ in range(self.rows.size * self.order.size):
+            up, _, can_up, _ = self.steps(c)
+            can_up[locked] = False
+            gain = self.omega[self.rows, up] - self.omega[self.rows, c]
+            ok = can_up & (gain < 0)
+            for _, m, lim in self.limits:
+                ok &= float(m[self.rows, c].sum()) + m[self.rows, up] - m[self.rows, c] \
+                    <= lim + slack(lim)
+            if not ok.any():
+                break
+            k = int(np.argmin(np.where(ok, gain, np.inf)))
+            delta += float(gain[k])
+            c[k] = up[k]
+        return c, delta
+
+    def candidates(self, c: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        """Feasible moves as (predicted omega change, new plan), cheapest first: one layer up
+        (alone where it fits, else with one other layer down, else with as many layers down as
+        the limits need) and one layer down with the freed budget spent on raising others."""
+        n, rows, om = c.size, self.rows, self.omega
+        up, down, can_up, can_down = self.steps(c)
+        d_up = om[rows, up] - om[rows, c]
+        d_dn = om[rows, down] - om[rows, c]
+        single = can_up.copy()
+        pair = can_up[:, None] & can_down[None, :] & ~np.eye(n, dtype=bool)
+        for _, m, lim in self.limits:
+            total = float(m[rows, c].sum())
+            grow, shrink = m[rows, up] - m[rows, c], m[rows, down] - m[rows, c]
+            single &= total + grow <= lim + slack(lim)
+            pair &= total + grow[:, None] + shrink[None, :] <= lim + slack(lim)
+        pair &= ~single[:, None]          # an up move that fits alone needs no partner
+        out: dict[bytes, tuple[float, np.ndarray]] = {}
+
+        def add(delta: float, trial: np.ndarray) -> None:
+            key = trial.tobytes()
+            if not np.array_equal(trial, c) and (key not in out or delta < out[key][0]):
+                out[key] = (delta, trial)
+
+        for i in np.flatnonzero(can_up):
+            trial = c.copy()
+            trial[i] = up[i]
+            if single[i]:
+                add(float(d_up[i]), trial)
+                continue
+            for j in np.flatnonzero(pair[i]):
+                t2 = trial.copy()
+                t2[j] = down[j]
+                add(float(d_up[i] + d_dn[j]), t2)
+            fixed = self.repair(trial, int(i))
+            if fixed is not None:
+                add(float(d_up[i]) + fixed[1], fixed[0])
+        for j in np.flatnonzero(can_down):
+            trial = c.copy()
+            trial[j] = down[j]
+            filled, gain = self.fill(trial, int(j))
+            if gain < 0:
+                add(float(d_dn[j]) + gain, filled)
+        return sorted(out.values(), key=lambda m: m[0])
 
 
 def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequence[float],
@@ -127,6 +206,9 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
     ``budget``, ``size`` and the BOPs/latency matrices and limits are those given to
     :func:`hawq.allocation.allocate`: every exchange keeps the plan within all of them. Layers in
     ``pinned`` (layer indices, or allocate's index -> choice mapping) keep their start bits.
+    Exchanges: one layer one bit width up, paid for by one other layer one step down (or, where
+    no single one frees enough, by as many steps down as the limits need, cheapest per freed
+    unit first), or one layer one step down with what it frees spent on raising others.
     Each round measures the ``candidates`` exchanges with the lowest predicted cost change and
     keeps the best one that lowers the objective; the search stops when none does or after
     ``max_rounds``. Weights only (activations float during the search), with
@@ -160,7 +242,7 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
                               "allocate() with the same limits")
     frozen = np.zeros(n.size, dtype=bool)
     frozen[[int(k) for k in (pinned or ())]] = True
-    order = np.argsort(b, kind="stable")
+    space = _Moves(om, limits, frozen, np.argsort(b, kind="stable"))
 
     device = next(model.parameters()).device
     weights = _weights(model, names)
@@ -205,23 +287,18 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
         while rounds < max_rounds:
             rounds += 1
             best = None
-            for predicted, (i, ci, j, cj) in _candidates(c, om, limits, frozen, order)[:candidates]:
-                trial = c.copy()
-                trial[i] = ci
-                if j >= 0:
-                    trial[j] = cj
+            for predicted, trial in space.candidates(c)[:candidates]:
                 v = measure(trial)
                 if v < value and (best is None or v < best[0]):
-                    best = (v, trial, i, j, predicted)
+                    best = (v, trial, predicted)
             bar.update()
             if best is None:
                 break
-            v, trial, i, j, predicted = best
-            move = {"up": names[i], "up_bits": [float(b[c[i]]), float(b[trial[i]])],
-                    "value": v, "predicted_delta": predicted}
-            if j >= 0:
-                move.update(down=names[j], down_bits=[float(b[c[j]]), float(b[trial[j]])])
-            moves.append(move)
+            v, trial, predicted = best
+            changed = np.flatnonzero(trial != c)
+            moves.append({"layers": {names[k]: [float(b[c[k]]), float(b[trial[k]])]
+                                     for k in changed},
+                          "value": v, "predicted_delta": predicted})
             value, c = v, trial
             bar.set_postfix({objective: f"{value:.4g}"})
         bar.close()
