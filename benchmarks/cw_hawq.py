@@ -187,7 +187,7 @@ def main() -> None:
         print(f"{r['avg_bits_target']:8g} | {r['method']:16s} | {100 * r['accuracy']:6.2f}% | "
               f"{r['avg_bits']:12.4f} | {r['reward_kl']:9.4f} | {r['search_seconds']:8.1f}")
     print(f"{100 * neg:.1f}% of channel trace estimates are <= 0 (shrink {args.shrink})")
-    print(f"shared costs (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    print("shared costs (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     times["total"] = time.perf_counter() - t_all
     write_json(args.json, {"command": " ".join(shlex.quote(a) for a in [sys.executable.split('/')[-1],
                                                                        *sys.argv]),

@@ -80,7 +80,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [{"mode": k, "median_step_s": med[k], "ratio_to_fixed": med[k] / med["fixed"]}
             for k in models]
-    print(f"| mode | median step (s) | vs fixed |\n|---|---|---|")
+    print("| mode | median step (s) | vs fixed |\n|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['median_step_s']:.3f} | {r['ratio_to_fixed']:.2f}x |")
     write_json(args.json, {"command": "python " + shlex.join(sys.argv), "threads": args.threads,

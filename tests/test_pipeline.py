@@ -1,8 +1,6 @@
 import json
 
-import numpy as np
 import pytest
-import torch
 
 import hawq
 from hawq.cli import main

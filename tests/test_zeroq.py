@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from hawq.cli import main
 from hawq.distill import bn_statistics_loss, distill_data, infer_input_shape
 from hawq.errors import ConfigError
-from hawq.plan import QuantConfig
 from hawq.quantizers import fake_quantize, weight_qparams
 from hawq.zeroq import ZeroQConfig, hessian_sensitivity, kl_sensitivity, zeroq
 

@@ -40,7 +40,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hawq.errors import ConfigError, NumericalError
-from hawq.io import atomic_write_bytes, write_json
+from hawq.io import atomic_write_bytes
 from hawq.passes import as_pair
 from hawq.plan import BitPlan, LayerSpec, QuantConfig
 from hawq.qmodules import ActQuantizer, QuantMixin
