@@ -211,13 +211,14 @@ def allocation_limits(cfg: CompressConfig, names: list[str], macs: np.ndarray) -
 
 
 def allocate_plan(cfg: CompressConfig, names: list[str], params: np.ndarray, macs: np.ndarray,
-                  omega: np.ndarray, stats: dict[str, Any]):
-    """Run the configured allocator; returns the :class:`hawq.allocation.Allocation`."""
+                  omega: np.ndarray, stats: dict[str, Any], limits: dict[str, Any] | None = None):
+    """Run the configured allocator; returns the :class:`hawq.allocation.Allocation`.
+    ``limits``: :func:`allocation_limits` of ``cfg`` when the caller already has them."""
     from hawq.allocation import allocate, hawq_v1_allocate
 
     bits = np.array(cfg.bits)
     budget = budget_from_config(cfg)
-    limits = allocation_limits(cfg, names, macs)
+    limits = limits if limits is not None else allocation_limits(cfg, names, macs)
     if cfg.allocator == "v1-rule":
         if budget is None:
             raise ConfigError("the HAWQ-V1 rule needs a size target (e.g. target_compression)")
@@ -282,8 +283,9 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     params = np.array([i.params for i in infos], dtype=float)
     macs = np.array([i.macs for i in infos], dtype=float)
     quant = QuantConfig(w_clip=cfg.w_clip)
+    limits = allocation_limits(cfg, names, macs)
     if cfg.allocator != "v1-rule":  # fail fast on an impossible budget, before any Hessian work
-        allocate_plan(cfg, names, params, macs, np.zeros((len(names), len(cfg.bits))), {})
+        allocate_plan(cfg, names, params, macs, np.zeros((len(names), len(cfg.bits))), {}, limits)
     times["setup"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -301,7 +303,7 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     times["sensitivity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    alloc = allocate_plan(cfg, names, params, macs, omega, stats)
+    alloc = allocate_plan(cfg, names, params, macs, omega, stats, limits)
     times["allocation"] = time.perf_counter() - t0
     refinement = None
     if cfg.refine:
@@ -309,7 +311,7 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
 
         t0 = time.perf_counter()
         ref = refine_plan(model, held, names, cfg.bits, omega, alloc.choices, params,
-                          budget_from_config(cfg), **allocation_limits(cfg, names, macs),
+                          budget_from_config(cfg), **limits,
                           candidates=cfg.refine_candidates, config=quant, progress=progress)
         alloc = ref.allocation
         refinement = {k: v for k, v in ref.to_dict().items() if k != "allocation"}

@@ -260,13 +260,15 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
 
     try:
         ref = outputs() if objective == "kl" else None
+        loaded = np.full(n.size, -1)     # choice whose weights each layer holds (-1: float)
         evaluations = 0
 
         @torch.no_grad()
         def measure(choice: np.ndarray) -> float:
             nonlocal evaluations
-            for w, q, k in zip(weights, quantized, choice):
-                w.data.copy_(q[k])
+            for i in np.flatnonzero(choice != loaded):   # only the layers that change
+                weights[i].data.copy_(quantized[i][choice[i]])
+                loaded[i] = choice[i]
             total = 0.0
             for i, lp in enumerate(outputs()):
                 if ref is not None:
