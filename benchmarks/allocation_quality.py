@@ -7,6 +7,11 @@ test set: the HAWQ-V1 rule, HAWQ-V2 Omega on the Pareto frontier and by ILP, the
 random plans of the same budget (an ILP over random costs). It also reports the Spearman rank
 correlation of predicted Omega with the measured single-layer loss increase.
 
+By default the Hessian traces follow PyHessian's per-layer protocol, as the HAWQ-V2 reference
+figures do: 256 training images, 20 Rademacher probes per layer, each layer probed alone
+(``--probe-mode layer``, 20·L block HVPs). ``--probe-mode joint`` uses 20 joint probes instead
+(20 HVPs for all layers, noisier per layer).
+
     python benchmarks/allocation_quality.py --models resnet20 --json benchmarks/results/allocation_quality.json
 """
 
@@ -46,7 +51,7 @@ def run_model(name, args, test, calib):
     hx, hy = calib.tensors[0][:args.hessian_samples], calib.tensors[1][:args.hessian_samples]
     t = time.perf_counter()
     tr = analyze(model, (hx, hy), metric="trace", layers=names, seed=args.seed, tol=0.0,
-                 max_probes=args.probes)
+                 max_probes=args.probes, probe_mode=args.probe_mode)
     t_trace = time.perf_counter() - t
     t = time.perf_counter()
     eig = analyze(model, (hx, hy), metric="eigen", layers=names, seed=args.seed)
@@ -105,6 +110,9 @@ def main() -> None:
     p.add_argument("--hessian-samples", type=int, default=256)
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--probes", type=int, default=20)
+    p.add_argument("--probe-mode", default="layer", choices=["layer", "joint"],
+                   help="Hutchinson probes per layer (the issue's PyHessian protocol: "
+                        "probes x layers HVPs) or one joint probe for all layers")
     p.add_argument("--random-plans", type=int, default=10)
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])

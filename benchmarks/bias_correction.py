@@ -5,9 +5,9 @@ uniform plan where one exists) and evaluates each on the 10,000 CIFAR-10 test im
 the same symmetric per-channel min/max weight quantizer (weights only, no fine-tuning): as it is,
 and after :func:`hawq.bias_correct_` on 512 training images. Prints a table and writes JSON.
 
-    python benchmarks/bias_correction.py --plans benchmarks/results/allocation_quality.json \
+    python benchmarks/bias_correction.py --plans benchmarks/results/allocation_quality_joint.json \
         --json benchmarks/results/bias_correction.json
-    python benchmarks/bias_correction.py --plans benchmarks/results/allocation_quality_resnet56.json \
+    python benchmarks/bias_correction.py --plans benchmarks/results/allocation_quality_resnet56_joint.json \
         --compressions 8,10.67 --json benchmarks/results/bias_correction_resnet56.json
 """
 
@@ -35,7 +35,7 @@ LABELS = {"hybrid ilp (default)": "hybrid (default)", "hawq-v2 ilp": "hawq-v2",
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--plans", default="benchmarks/results/allocation_quality.json")
+    p.add_argument("--plans", default="benchmarks/results/allocation_quality_joint.json")
     p.add_argument("--compressions", default=None, help="comma list (default: all in --plans)")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--data-dir", default=None)

@@ -52,6 +52,22 @@ def test_compress_refine_keeps_the_budget_and_records_the_search(tmp_path):
         CompressConfig(method="hawq-v1", refine=True)
 
 
+@pytest.mark.parametrize("mode", ["joint", "layer"])
+def test_compress_probe_mode_sets_the_hutchinson_cost(tmp_path, mode):
+    cfg = CompressConfig(model="digits-cnn", sensitivity="hawq-v2", bits=(2, 4, 8),
+                         hessian_samples=32, max_probes=3, tol=0.0, probe_mode=mode,
+                         calib_samples=64, test_samples=50)
+    compress(cfg, out_dir=tmp_path)
+    stats = json.loads((tmp_path / "sensitivity.json").read_text())
+    n_layers = len(stats["names"])
+    assert stats["probe_mode"] == mode and n_layers > 1
+    # joint: one HVP per probe for all layers; layer: one block HVP per layer and probe
+    assert stats["hessian"]["hvp_count"] == (3 if mode == "joint" else 3 * n_layers)
+    assert all(lh["probes"] == 3 for lh in stats["hessian"]["layers"])
+    with pytest.raises(ConfigError, match="probe_mode"):
+        CompressConfig(probe_mode="blockwise")
+
+
 def test_compress_is_deterministic_under_seed():
     cfg = CompressConfig(model="digits-cnn", sensitivity="hawq-v2", bits=(2, 4, 8),
                          target_avg_bits=4.0, hessian_samples=64, max_probes=6,

@@ -185,3 +185,22 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert img.std() > 20
     lower = img[800:2600]
     assert (lower.sum(-1) < 300).mean() > 0.002  # dark strokes (text, axes) further down
+
+
+def test_reconstructed_command_parses_back_to_the_same_config():
+    import shlex
+    from dataclasses import asdict
+
+    from hawq.cli import build_parser
+    from hawq.pipeline import CompressConfig
+    from hawq.report import reconstructed_command
+
+    cfg = CompressConfig(model="resnet20", bits=(2, 3, 4, 8), target_avg_bits=3.5,
+                         probe_mode="layer", max_probes=20, refine=True, refine_samples=200,
+                         refine_candidates=4, bias_correct=True, w_clip="mse")
+    cmd = reconstructed_command(asdict(cfg))
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert (args.model, tuple(args.bits), args.target_avg_bits) == ("resnet20", (2, 3, 4, 8), 3.5)
+    assert (args.probe_mode, args.max_probes, args.w_clip) == ("layer", 20, "mse")
+    assert (args.refine, args.refine_samples, args.refine_candidates) == (True, 200, 4)
+    assert args.bias_correct is True

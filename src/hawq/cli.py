@@ -112,7 +112,8 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     spec, model = _load(args)
     data = load_dataset(spec.dataset, args.split, args.data_dir, args.samples)
     res = analyze(model, data.tensors, metric=args.metric, seed=args.seed, tol=args.tol,
-                  max_probes=args.max_probes, batch_size=args.batch_size, progress=True)
+                  max_probes=args.max_probes, batch_size=args.batch_size,
+                  probe_mode=args.probe_mode, progress=True)
     rows = []
     for lh in res.layers:
         eig = lh.eigenvalue[0] if isinstance(lh.eigenvalue, list) else lh.eigenvalue
@@ -157,7 +158,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         target_fraction=args.target_fraction, bops_limit=args.bops_limit,
         latency_table=args.latency_table, latency_limit=args.latency_limit,
         pin_first_last=args.pin_first_last, hessian_samples=args.samples,
-        max_probes=args.max_probes, calib_samples=args.calib_samples,
+        max_probes=args.max_probes, probe_mode=args.probe_mode, calib_samples=args.calib_samples,
         test_samples=args.test_samples, w_clip=args.w_clip, seed=args.seed,
         bias_correct=args.bias_correct, refine=args.refine, refine_samples=args.refine_samples,
         refine_candidates=args.refine_candidates,
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=None,
                    help="relative stderr target (trace, default 1e-2) or eigen tolerance (1e-3)")
     p.add_argument("--max-probes", type=int, default=200)
+    p.add_argument("--probe-mode", default="joint", choices=["joint", "layer"],
+                   help="trace/channel/activation: 'joint' (one HVP per probe for all layers) "
+                        "or 'layer' (each layer alone, L HVPs per probe, lower variance)")
     p.add_argument("--batch-size", type=int, default=None, help="split data into chunks")
     p.set_defaults(func=cmd_analyze)
 
@@ -401,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, default=8, help="activation bits (default 8)")
     p.add_argument("--samples", type=int, default=256, help="images for the Hessian (256)")
     p.add_argument("--max-probes", type=int, default=50, help="Hutchinson probes at most (50)")
+    p.add_argument("--probe-mode", default="joint", choices=["joint", "layer"],
+                   help="Hutchinson probes: 'joint' (default, one HVP per probe for all layers) "
+                        "or 'layer' (each layer alone: L HVPs per probe, lower variance; the "
+                        "better choice for --method hawq-v2)")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])

@@ -59,6 +59,7 @@ class CompressConfig:
     hessian_samples: int = 256
     max_probes: int = 50
     tol: float = 1e-2
+    probe_mode: str = "joint"  # Hutchinson: "joint" (1 HVP per probe) or "layer" (L per probe)
     calib_samples: int = 512
     test_samples: int | None = None
     w_clip: str = "minmax"
@@ -77,6 +78,9 @@ class CompressConfig:
                 raise ConfigError(f"method={self.method!r}: use one of {sorted(METHODS)}")
             sens, self.allocator = METHODS[self.method]
             self.sensitivity = sens or self.sensitivity
+        if self.probe_mode not in ("joint", "layer"):
+            raise ConfigError(f"probe_mode={self.probe_mode!r}: use 'joint' (one HVP per probe "
+                              "for all layers) or 'layer' (each layer probed alone)")
         if self.sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity={self.sensitivity!r}: use one of {SENSITIVITIES}")
         if self.allocator not in ("frontier", "ilp", "v1-rule", "cw-ddpg", "cw-groups"):
@@ -129,11 +133,12 @@ def budget_from_config(cfg: CompressConfig):
 def sensitivity_costs(model: torch.nn.Module, calib: Any, names: list[str], bits: tuple[int, ...],
                       sensitivity: str, quant: QuantConfig, *, hessian_samples: int = 256,
                       max_probes: int = 50, tol: float = 1e-2, seed: int = 0,
-                      progress: bool = False,
+                      probe_mode: str = "joint", progress: bool = False,
                       bias_correct: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Omega (L×B) for ``sensitivity`` and the per-layer statistics behind it.
 
-    Cost: ``hawq-v2`` one Hutchinson run (<= max_probes HVPs on ``hessian_samples`` images);
+    Cost: ``hawq-v2`` one Hutchinson run (<= max_probes HVPs on ``hessian_samples`` images with
+    ``probe_mode="joint"``, <= max_probes·L block HVPs with ``"layer"``);
     ``hawq-v1`` power iteration per layer; ``measured`` 1 + L·B forward passes over ``calib``;
     ``hybrid`` both a Hutchinson run and the measured losses. With ``bias_correct`` the
     measured losses are those left after bias correction (the plan is then chosen for a model
@@ -150,8 +155,9 @@ def sensitivity_costs(model: torch.nn.Module, calib: Any, names: list[str], bits
     omega = np.zeros_like(errors)
     if sensitivity in ("hawq-v2", "hybrid"):
         res = analyze(model, (hx, hy), metric="trace", layers=names, seed=seed, tol=tol,
-                      max_probes=max_probes, progress=progress)
+                      max_probes=max_probes, probe_mode=probe_mode, progress=progress)
         stats["hessian"] = res.to_dict()
+        stats["probe_mode"] = probe_mode
         omega = omega_matrix([lh.avg_trace for lh in res.layers], errors)
     if sensitivity == "hawq-v1":
         res = analyze(model, (hx, hy), metric="eigen", layers=names, seed=seed, progress=progress)
@@ -292,7 +298,7 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     omega, stats = sensitivity_costs(model, calib, names, cfg.bits, cfg.sensitivity, quant,
                                      hessian_samples=cfg.hessian_samples,
                                      max_probes=cfg.max_probes, tol=cfg.tol, seed=cfg.seed,
-                                     progress=progress)
+                                     probe_mode=cfg.probe_mode, progress=progress)
     if cfg.allocator == "v1-rule" and stats.get("hessian", {}).get("metric") != "eigen":
         from hawq.hessian import analyze
 

@@ -269,7 +269,9 @@ def reconstructed_command(config: dict[str, Any]) -> str:
              "pin_first_last": "--pin-first-last", "hessian_samples": "--samples",
              "max_probes": "--max-probes", "calib_samples": "--calib-samples",
              "test_samples": "--test-samples", "w_clip": "--w-clip", "seed": "--seed",
-             "bias_correct": "--bias-correct"}
+             "bias_correct": "--bias-correct", "probe_mode": "--probe-mode",
+             "refine": "--refine", "refine_samples": "--refine-samples",
+             "refine_candidates": "--refine-candidates"}
     out = ["hawq", "compress"]
     for key, flag in flags.items():
         v = config.get(key)
