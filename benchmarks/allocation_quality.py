@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--probes", type=int, default=20)
     p.add_argument("--probe-mode", default="layer", choices=["layer", "joint"],
-                   help="Hutchinson probes per layer (the issue's PyHessian protocol: "
+                   help="Hutchinson probes per layer (PyHessian's protocol: "
                         "probes x layers HVPs) or one joint probe for all layers")
     p.add_argument("--random-plans", type=int, default=10)
     p.add_argument("--test-samples", type=int, default=None)

@@ -54,7 +54,7 @@ def run_model(name, args, test, calib, held):
     t = time.perf_counter()
     omega, _ = sensitivity_costs(model, calib, names, tuple(args.bits), "hybrid", quant,
                                  hessian_samples=args.hessian_samples, max_probes=args.probes,
-                                 tol=0.0, seed=args.seed)
+                                 probe_mode=args.probe_mode, tol=0.0, seed=args.seed)
     t_sens = time.perf_counter() - t
     fp32 = hawq.evaluate(model, test).accuracy
     ref = log_probs(model, test.tensors[0])
@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--refine-samples", type=int, default=1024)
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--probes", type=int, default=20)
+    p.add_argument("--probe-mode", default="joint", choices=["joint", "layer"],
+                   help="Hutchinson probes for the hybrid's traces (joint: the library default)")
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
