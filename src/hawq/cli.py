@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from hawq.errors import HawqError
+from hawq.hessian import PROBE_MODES
 from hawq.io import write_json
 
 log = logging.getLogger("hawq")
@@ -378,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=None,
                    help="relative stderr target (trace, default 1e-2) or eigen tolerance (1e-3)")
     p.add_argument("--max-probes", type=int, default=200)
-    p.add_argument("--probe-mode", default="joint", choices=["joint", "layer"],
+    p.add_argument("--probe-mode", default="joint", choices=PROBE_MODES,
                    help="trace/channel/activation: 'joint' (one HVP per probe for all layers) "
                         "or 'layer' (each layer alone, L HVPs per probe, lower variance)")
     p.add_argument("--batch-size", type=int, default=None, help="split data into chunks")
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, default=8, help="activation bits (default 8)")
     p.add_argument("--samples", type=int, default=256, help="images for the Hessian (256)")
     p.add_argument("--max-probes", type=int, default=50, help="Hutchinson probes at most (50)")
-    p.add_argument("--probe-mode", default="joint", choices=["joint", "layer"],
+    p.add_argument("--probe-mode", default="joint", choices=PROBE_MODES,
                    help="Hutchinson probes: 'joint' (default, one HVP per probe for all layers) "
                         "or 'layer' (each layer alone: L HVPs per probe, lower variance; the "
                         "better choice for --method hawq-v2)")

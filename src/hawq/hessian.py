@@ -617,6 +617,16 @@ def _check_int(name: str, value: Any, lo: int) -> int:
     return value
 
 
+PROBE_MODES = ("joint", "layer")
+
+
+def check_probe_mode(probe_mode: str) -> None:
+    """Raise :class:`ConfigError` unless ``probe_mode`` is one of :data:`PROBE_MODES`."""
+    if probe_mode not in PROBE_MODES:
+        raise ConfigError(f"probe_mode={probe_mode!r}: use 'joint' (one HVP per probe for all "
+                          "layers) or 'layer' (one block product per layer per probe)")
+
+
 def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
             metric: str = "trace", layers: Sequence[str] | None = None, seed: int = 0,
             tol: float | None = None, max_probes: int = 200, min_probes: int = 4,
@@ -667,9 +677,7 @@ def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
                             ("top_k", top_k, 1), ("max_iter", max_iter, 1),
                             ("probe_batch", probe_batch, 1), ("seed", seed, 0)):
         _check_int(name, value, lo)
-    if probe_mode not in ("joint", "layer"):
-        raise ConfigError(f"probe_mode={probe_mode!r}: use 'joint' (one HVP per probe for all "
-                          "layers) or 'layer' (one block product per layer per probe)")
+    check_probe_mode(probe_mode)
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
         raise ConfigError(f"tol={tol!r}: give a number >= 0 (0 disables early stopping)")
     tol = (1e-3 if metric == "eigen" else 1e-2) if tol is None else float(tol)

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 from hawq.errors import ConfigError, DataError
+from hawq.hessian import check_probe_mode
 from hawq.plan import BitPlan, LayerSpec, QuantConfig
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ class CompressConfig:
                 raise ConfigError(f"method={self.method!r}: use one of {sorted(METHODS)}")
             sens, self.allocator = METHODS[self.method]
             self.sensitivity = sens or self.sensitivity
-        if self.probe_mode not in ("joint", "layer"):
-            raise ConfigError(f"probe_mode={self.probe_mode!r}: use 'joint' (one HVP per probe "
-                              "for all layers) or 'layer' (each layer probed alone)")
+        check_probe_mode(self.probe_mode)
         if self.sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity={self.sensitivity!r}: use one of {SENSITIVITIES}")
         if self.allocator not in ("frontier", "ilp", "v1-rule", "cw-ddpg", "cw-groups"):
