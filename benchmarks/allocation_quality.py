@@ -2,9 +2,11 @@
 
 For each weight-compression target (bits {2,3,4,8}, weights only, activations float, the same
 symmetric per-channel quantizer for every plan, no fine-tuning) it evaluates on the CIFAR-10
-test set: the HAWQ-V1 rule, HAWQ-V2 Omega on the Pareto frontier and by ILP, the default
-``hybrid`` sensitivity by ILP, the uniform plan where one has that size, and the median of 10
-random plans of the same budget (an ILP over random costs). It also reports the Spearman rank
+test set: the HAWQ-V1 rule, HAWQ-V2 Omega on the Pareto frontier and by ILP, the ``hybrid``
+sensitivity by ILP, the library's default method (that hybrid ILP plan, refined by
+:func:`hawq.refine.refine_plan` on ``--refine-samples`` held-out training images when it averages
+at most ``AUTO_REFINE_MAX_BITS`` bits, as ``hawq compress`` does), the uniform plan where one has
+that size, and the median of 10 random plans of the same budget (an ILP over random costs). It also reports the Spearman rank
 correlation of predicted Omega with the measured single-layer loss increase.
 
 By default the Hessian traces follow PyHessian's per-layer protocol, as the HAWQ-V2 reference
@@ -31,6 +33,7 @@ from hawq.data import load_cifar10
 from hawq.hessian import analyze
 from hawq.io import write_json
 from hawq.models import build_model
+from hawq.refine import auto_refines, refine_plan
 from hawq.sensitivity import measured_loss_increase, omega_matrix, weight_errors
 
 
@@ -41,7 +44,7 @@ def accuracy(model_name, data_dir, names, wbits, test, quant):
     return hawq.evaluate(model, test).accuracy
 
 
-def run_model(name, args, test, calib):
+def run_model(name, args, test, calib, held):
     quant = hawq.QuantConfig(w_clip=args.w_clip)
     model = build_model(name, data_dir=args.data_dir)
     infos = hawq.layers(model, test.tensors[0][:1])
@@ -76,12 +79,21 @@ def run_model(name, args, test, calib):
             "hawq-v1 rule": hawq_v1_allocate(lam / params, params, bits, budget).bits,
             "hawq-v2 frontier": allocate(omega_v2, params, bits, budget, "frontier").bits,
             "hawq-v2 ilp": allocate(omega_v2, params, bits, budget, "ilp").bits,
-            "hybrid ilp (default)": allocate(omega_hybrid, params, bits, budget, "ilp").bits,
         }
+        start = allocate(omega_hybrid, params, bits, budget, "ilp")
+        plans["hybrid ilp"] = start.bits
+        refined = auto_refines(start.bits, params)
+        if refined:
+            plans["default"] = refine_plan(model, held, names, bits, omega_hybrid, start.choices,
+                                           params, budget, candidates=args.refine_candidates,
+                                           config=quant).bits
         row = {"compression": comp}
         for label, wb in plans.items():
             row[label] = accuracy(name, args.data_dir, names, wb, test, quant)
             row[label + " bits"] = [int(b) for b in wb]
+        if not refined:
+            row["default"], row["default bits"] = row["hybrid ilp"], row["hybrid ilp bits"]
+        row["default refined"] = refined
         uni = 32.0 / comp
         row["uniform"] = (accuracy(name, args.data_dir, names, [int(uni)] * len(names), test,
                                    quant) if abs(uni - round(uni)) < 1e-6 and round(uni) in bits
@@ -113,6 +125,9 @@ def main() -> None:
     p.add_argument("--probe-mode", default="layer", choices=["layer", "joint"],
                    help="Hutchinson probes per layer (PyHessian's protocol: "
                         "probes x layers HVPs) or one joint probe for all layers")
+    p.add_argument("--refine-samples", type=int, default=1024,
+                   help="held-out training images (after the calibration ones) for refinement")
+    p.add_argument("--refine-candidates", type=int, default=16)
     p.add_argument("--random-plans", type=int, default=10)
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
@@ -124,16 +139,19 @@ def main() -> None:
     args.compressions = [float(c) for c in args.compressions.split(",")]
     torch.set_num_threads(args.threads)
     test = load_cifar10(args.data_dir, "test", args.test_samples)
-    calib = load_cifar10(args.data_dir, "train", max(args.calib_samples, args.hessian_samples))
-    results = [run_model(m, args, test, calib) for m in args.models.split(",")]
-    header = ["model", "compr.", "V1 rule", "V2 front.", "V2 ILP", "hybrid (default)",
-              "uniform", "random med."]
+    n_cal = max(args.calib_samples, args.hessian_samples)
+    train = load_cifar10(args.data_dir, "train", n_cal + args.refine_samples)
+    calib = torch.utils.data.TensorDataset(*(t[:n_cal] for t in train.tensors))
+    held = train.tensors[0][n_cal:]
+    results = [run_model(m, args, test, calib, held) for m in args.models.split(",")]
+    header = ["model", "compr.", "V1 rule", "V2 front.", "V2 ILP", "hybrid ILP",
+              "default (+auto refine)", "uniform", "random med."]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in results:
         for row in r["rows"]:
             cells = [r["model"], f"{row['compression']:.2f}x"] + [
                 "-" if row[k] is None else f"{100 * row[k]:.2f}" for k in
-                ("hawq-v1 rule", "hawq-v2 frontier", "hawq-v2 ilp", "hybrid ilp (default)",
+                ("hawq-v1 rule", "hawq-v2 frontier", "hawq-v2 ilp", "hybrid ilp", "default",
                  "uniform", "random median")]
             print("| " + " | ".join(cells) + " |")
         print(f"{r['model']}: FP32 {100 * r['fp32']:.2f}%; Spearman(Omega_v2, measured dL) = "

@@ -52,6 +52,32 @@ def test_compress_refine_keeps_the_budget_and_records_the_search(tmp_path):
         CompressConfig(method="hawq-v1", refine=True)
 
 
+def test_compress_refines_by_default_only_low_bit_hybrid_plans():
+    base = dict(model="digits-cnn", bits=(2, 4, 8), hessian_samples=32, max_probes=3,
+                calib_samples=64, test_samples=50, refine_samples=200, refine_candidates=4)
+    assert CompressConfig().refine == "auto"
+    low = compress(CompressConfig(target_avg_bits=3.0, **base))  # hybrid: 3.0 <= 3.5 bits
+    assert low.refinement is not None and low.allocation["method"] == "refined"
+    assert low.budget["avg_bits"] <= 3.0 + 1e-9
+    high = compress(CompressConfig(target_avg_bits=6.0, **base))
+    assert high.budget["avg_bits"] > 3.5 and high.refinement is None
+    assert compress(CompressConfig(target_avg_bits=3.0, sensitivity="hawq-v2",
+                                   **base)).refinement is None  # the paper's method stays plain
+    assert compress(CompressConfig(target_avg_bits=3.0, refine=False, **base)).refinement is None
+    with pytest.raises(ConfigError, match="refine='sometimes'"):
+        CompressConfig(refine="sometimes")
+    CompressConfig(method="hawq-v1")  # "auto" never asks a V1-rule plan to refine
+
+
+def test_auto_refine_without_held_out_images_warns_and_keeps_the_plan(caplog):
+    cfg = CompressConfig(model="digits-cnn", bits=(2, 4, 8), target_avg_bits=3.0,
+                         hessian_samples=32, max_probes=3, calib_samples=100_000,
+                         test_samples=50)
+    with caplog.at_level("WARNING", logger="hawq.pipeline"):
+        res = compress(cfg)
+    assert res.refinement is None and "not refined" in caplog.text
+
+
 @pytest.mark.parametrize("mode", ["joint", "layer"])
 def test_compress_probe_mode_sets_the_hutchinson_cost(tmp_path, mode):
     cfg = CompressConfig(model="digits-cnn", sensitivity="hawq-v2", bits=(2, 4, 8),

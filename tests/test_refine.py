@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hawq import BitPlan, BudgetError, ConfigError, DataError, LayerSpec, quantize_
 from hawq.allocation import allocate
 from hawq.budgets import Budget
-from hawq.refine import refine_plan
+from hawq.refine import AUTO_REFINE_MAX_BITS, auto_refines, refine_plan
 
 NAMES = ["0", "2", "4", "6"]
 BITS = np.array([2, 3, 4, 8])
@@ -166,3 +166,11 @@ def test_every_candidate_fits_keeps_pins_and_predicts_its_omega_change(n, seed, 
         assert (trial[frozen] == c[frozen]).all() and not (trial == c).all()
         assert predicted == pytest.approx(omega[rows, trial].sum() - omega[rows, c].sum(),
                                           abs=1e-9)
+
+
+def test_auto_refine_threshold_is_on_the_parameter_weighted_mean_bits():
+    assert AUTO_REFINE_MAX_BITS == 3.5
+    assert auto_refines([2, 8], [3, 1])  # (6 + 8) / 4 = 3.5
+    assert not auto_refines([2, 8], [2, 1])  # 12 / 3 = 4
+    assert not auto_refines([8, 2], [3, 1])  # same bits, weights swap: 26 / 4 = 6.5
+    assert auto_refines([3, 3, 3], [10, 1, 5]) and not auto_refines([4] * 3, [1, 1, 1])

@@ -204,3 +204,6 @@ def test_reconstructed_command_parses_back_to_the_same_config():
     assert (args.probe_mode, args.max_probes, args.w_clip) == ("layer", 20, "mse")
     assert (args.refine, args.refine_samples, args.refine_candidates) == (True, 200, 4)
     assert args.bias_correct is True
+    for refine in ("auto", False):  # the default is omitted; False comes back as --no-refine
+        cmd = reconstructed_command(asdict(CompressConfig(refine=refine)))
+        assert build_parser().parse_args(shlex.split(cmd)[1:]).refine == refine

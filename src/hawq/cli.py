@@ -416,10 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-correct", action="store_true",
                    help="after quantizing, correct each layer's bias so its mean output per "
                         "channel matches FP32 on the calibration images (hawq.bias_correct_)")
-    p.add_argument("--refine", action="store_true",
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default="auto",
                    help="after allocating, try exchanges (one layer a bit width up, one down, "
                         "same budget) measured on the whole quantized model: KL to FP32 on "
-                        "--refine-samples held-out training images (hawq.refine.refine_plan)")
+                        "--refine-samples held-out training images (hawq.refine.refine_plan). "
+                        "Default: only hybrid plans averaging <= 3.5 weight bits, where the "
+                        "per-layer cost model is weakest; --no-refine: never")
     p.add_argument("--refine-samples", type=int, default=1024)
     p.add_argument("--refine-candidates", type=int, default=16,
                    help="exchanges measured per refinement round (16)")

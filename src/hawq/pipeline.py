@@ -65,7 +65,9 @@ class CompressConfig:
     test_samples: int | None = None
     w_clip: str = "minmax"
     bias_correct: bool = False  # empirical bias correction after quantizing (hawq.bias_correct_)
-    refine: bool = False  # exchange search on the whole quantized model (hawq.refine.refine_plan)
+    # exchange search on the whole quantized model (hawq.refine.refine_plan): True, False or
+    # "auto" (hybrid frontier/ILP plans averaging <= hawq.refine.AUTO_REFINE_MAX_BITS bits)
+    refine: bool | str = "auto"
     refine_samples: int = 1024  # held-out training images after the calibration ones
     refine_candidates: int = 16  # exchanges measured per round
     seed: int = 0
@@ -92,10 +94,12 @@ class CompressConfig:
                               "target_bytes or target_fraction")
         if not targets and self.bops_limit is None and self.latency_limit is None:
             self.target_compression = 8.0
-        if self.refine and self.allocator not in ("frontier", "ilp"):
+        if self.refine not in (True, False, "auto"):
+            raise ConfigError(f"refine={self.refine!r}: use True, False or 'auto'")
+        if self.refine is True and self.allocator not in ("frontier", "ilp"):
             raise ConfigError(f"refine=True refines a frontier or ILP plan, not allocator="
                               f"{self.allocator!r}: drop refine or use allocator='ilp'")
-        if self.refine and (self.refine_samples < 1 or self.refine_candidates < 1):
+        if self.refine is not False and (self.refine_samples < 1 or self.refine_candidates < 1):
             raise ConfigError("refine_samples and refine_candidates must be >= 1")
 
 
@@ -116,6 +120,22 @@ class CompressResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def refine_wanted(cfg: CompressConfig) -> bool:
+    """Whether ``cfg`` may refine its plan: ``refine=True``, or ``"auto"`` with the hybrid
+    sensitivity and a frontier/ILP allocator (the plan's bits decide, :func:`refine_applies`)."""
+    return cfg.refine is True or (cfg.refine == "auto" and cfg.sensitivity == "hybrid"
+                                  and cfg.allocator in ("frontier", "ilp"))
+
+
+def refine_applies(cfg: CompressConfig, bits: Sequence[float], params: np.ndarray) -> bool:
+    """Whether ``cfg`` refines an allocated plan of weight ``bits``: always with ``refine=True``;
+    with ``"auto"`` when :func:`refine_wanted` and :func:`hawq.refine.auto_refines` (the plan
+    averages at most ``AUTO_REFINE_MAX_BITS`` bits per weight)."""
+    from hawq.refine import auto_refines
+
+    return cfg.refine is True or (refine_wanted(cfg) and auto_refines(bits, params))
 
 
 def budget_from_config(cfg: CompressConfig):
@@ -274,12 +294,12 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     test = load_dataset(spec.dataset, "test", cfg.data_dir, cfg.test_samples)
     n_cal = max(cfg.calib_samples, cfg.hessian_samples)
     calib = load_dataset(spec.dataset, "train", cfg.data_dir,
-                         n_cal + (cfg.refine_samples if cfg.refine else 0))
+                         n_cal + (cfg.refine_samples if refine_wanted(cfg) else 0))
     held = None
-    if cfg.refine:
+    if refine_wanted(cfg):
         held = calib.tensors[0][n_cal:]
         calib = TensorDataset(*(t[:n_cal] for t in calib.tensors))
-        if len(held) == 0:
+        if len(held) == 0 and cfg.refine is True:
             raise DataError(f"refine needs held-out training images after the {n_cal} "
                             f"calibration ones; {spec.dataset} has no more: lower calib_samples")
     fp32 = hawq.evaluate(model, test, progress=progress)
@@ -311,7 +331,12 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     alloc = allocate_plan(cfg, names, params, macs, omega, stats, limits)
     times["allocation"] = time.perf_counter() - t0
     refinement = None
-    if cfg.refine:
+    do_refine = refine_applies(cfg, alloc.bits, params)
+    if do_refine and len(held) == 0:  # only "auto" gets here: True raised above
+        log.warning("refine='auto': no held-out training images after the %d calibration ones, "
+                    "so the %.2f-bit plan is not refined; lower calib_samples", n_cal,
+                    float(np.asarray(alloc.bits) @ params / params.sum()))
+    elif do_refine:
         from hawq.refine import refine_plan
 
         t0 = time.perf_counter()

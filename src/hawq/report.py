@@ -282,8 +282,8 @@ def reconstructed_command(config: dict[str, Any]) -> str:
             continue
         if key in ("sensitivity", "allocator") and config.get("method"):
             continue
-        if isinstance(v, bool):  # store_true flags
-            out += [flag] if v else []
+        if isinstance(v, bool):  # store_true flags (--refine: --refine/--no-refine)
+            out += [flag] if v else ["--no-" + flag[2:]] if key == "refine" else []
             continue
         out += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
     return shlex.join(out)
