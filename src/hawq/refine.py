@@ -40,8 +40,8 @@ OBJECTIVES = ("kl", "loss")
 #: weights average at most this many bits per parameter (above ~9x weight compression of FP32).
 #: Measured on CIFAR-10 ResNet-20/56 (``benchmarks/refinement.py``): below 4 bits the per-layer
 #: cost model misses how layer errors interact; refinement never lost there and gained up to 7.3
-#: points; at 4-5.3
-#: average bits it changed accuracy by -0.19 to +0.07 points, within the held-out data's noise.
+#: points; at 4-5.3 average bits it changed accuracy by -0.19 to +0.07 points, within the
+#: held-out data's noise.
 AUTO_REFINE_MAX_BITS = 3.5
 
 
