@@ -335,7 +335,7 @@ def compress(cfg: CompressConfig, out_dir: str | Path | None = None,
     if do_refine and len(held) == 0:  # only "auto" gets here: True raised above
         log.warning("refine='auto': no held-out training images after the %d calibration ones, "
                     "so the %.2f-bit plan is not refined; lower calib_samples", n_cal,
-                    float(np.asarray(alloc.bits) @ params / params.sum()))
+                    alloc.avg_bits)
     elif do_refine:
         from hawq.refine import refine_plan
 
