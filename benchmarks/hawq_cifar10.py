@@ -35,7 +35,7 @@ from hawq.data import load_cifar10
 from hawq.finetune import FinetuneConfig, finetune
 from hawq.io import write_json
 from hawq.models import build_model
-from hawq.pipeline import sensitivity_costs
+from hawq.sensitivities import sensitivity_costs
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from hawq.budgets import Budget
 from hawq.data import load_cifar10
 from hawq.io import write_json
 from hawq.models import build_model
-from hawq.pipeline import sensitivity_costs
+from hawq.sensitivities import sensitivity_costs
 from hawq.refine import refine_plan
 
 

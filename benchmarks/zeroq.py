@@ -41,7 +41,9 @@ from hawq.data import load_cifar10
 from hawq.distill import distill_data
 from hawq.io import write_json
 from hawq.models import build_model
-from hawq.zeroq import ZeroQConfig, gaussian_data, kl_sensitivity, zeroq
+from hawq.config import ZeroQConfig
+from hawq.workflow import zeroq
+from hawq.zeroq import gaussian_data, kl_sensitivity
 
 SETTINGS = [("W8A8", 8, 8), ("W6A6", 6, 6), ("W4A8", 4, 8), ("MP4A8", None, 8)]
 SOURCES = ("distilled", "distilled+labels", "real", "noise")

@@ -422,3 +422,35 @@ def test_activation_omega_matches_hand_computation():
     assert counts.tolist() == [16 * 5, 16 * 4]
     om = activation_omega(model, (x, y), ["0", "2"], [2, 4], [2.0, 4.0])
     assert om == pytest.approx(np.array([2.0 / 80, 4.0 / 64])[:, None] * errs[:, :2])
+
+
+def test_data_chunks_and_operator_accept_tasks_and_old_calls():
+    from hawq.hessian import HessianOperator, as_batches, data_chunks, select_layers
+    from hawq.tasks import as_task
+
+    x, y = data((5,), n=10)
+    assert [b[0].shape[0] for b in as_batches((x, y), 4)] == [4, 4, 2]  # (x, y) pairs as before
+    assert len(as_batches(torch.utils.data.TensorDataset(x, y))) == 1  # whole data: one chunk
+    with pytest.raises(ConfigError, match="batch_size"):
+        data_chunks((x, y), 0)
+
+    class Pairs(torch.utils.data.Dataset):  # a map-style Dataset: the task's batch size
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+    assert [len(b[1]) for b in data_chunks(Pairs(), None, as_task("classification"))] == [10]
+    assert [len(b[1]) for b in data_chunks(Pairs(), 3)] == [3, 3, 3, 1]
+    model = mlp()
+    mods = select_layers(model)
+    v = [torch.ones_like(m.weight) for _, m in mods]
+    chunks = as_batches((x, y), 4)
+    old = HessianOperator(model, mods, chunks, nn.CrossEntropyLoss()).hvp(v)
+    for op in (HessianOperator(model, mods, chunks),
+               HessianOperator(model, mods, chunks, task="classification"),
+               HessianOperator(model, mods, chunks, as_task("classification"))):
+        assert all(torch.equal(a, b) for a, b in zip(old, op.hvp(v)))
+    with pytest.raises(ConfigError, match="not both"):
+        HessianOperator(model, mods, chunks, nn.CrossEntropyLoss(), task="classification")

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from hawq import BitPlan, LayerSpec, QuantConfig, quantize_
 from hawq.allocation import allocate
 from hawq.budgets import Budget
-from hawq.pipeline import sensitivity_costs
+from hawq.sensitivities import sensitivity_costs
 
 
 class TwoBranch(nn.Module):

@@ -20,7 +20,8 @@ def _fake_result(L: int = 6):
     """A CompressResult with a real allocation over a made-up Omega (no model, no data)."""
     from hawq.allocation import allocate
     from hawq.budgets import Budget
-    from hawq.pipeline import CompressConfig, CompressResult
+    from hawq.config import CompressConfig
+    from hawq.workflow import CompressResult
 
     rng = np.random.default_rng(0)
     bits = np.array([2, 4, 8])
@@ -52,7 +53,7 @@ def _fake_result(L: int = 6):
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    from hawq.pipeline import write_outputs
+    from hawq.workflow import write_outputs
 
     res, omega, params, names = _fake_result()
     out = tmp_path / "run"
@@ -138,14 +139,16 @@ def test_report_with_missing_pieces_says_not_computed(tmp_path, run_dir):
 
 
 def test_cli_report_and_compress_records_command(tmp_path, run_dir, monkeypatch, capsys):
-    import hawq.pipeline
+    import hawq.workflow
     from hawq.cli import main
 
     assert main(["report", str(run_dir), "--open-html-path"]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
 
     res, *_ = _fake_result()
-    monkeypatch.setattr(hawq.pipeline, "compress", lambda cfg, out_dir=None, progress=False: res)
+    monkeypatch.setattr(hawq.workflow, "compress",
+                        lambda model, data, task=None, config=None, out_dir=None,
+                        progress=False: res)
     out = tmp_path / "r2"
     argv = ["compress", "--target-compression", "8", "--out", str(out)]
     assert main(argv) == 0
@@ -192,7 +195,7 @@ def test_reconstructed_command_parses_back_to_the_same_config():
     from dataclasses import asdict
 
     from hawq.cli import build_parser
-    from hawq.pipeline import CompressConfig
+    from hawq.config import CompressConfig
     from hawq.report import reconstructed_command
 
     cfg = CompressConfig(model="resnet20", bits=(2, 3, 4, 8), target_avg_bits=3.5,

@@ -13,7 +13,9 @@ from hawq.cli import main
 from hawq.distill import bn_statistics_loss, distill_data, infer_input_shape
 from hawq.errors import ConfigError
 from hawq.quantizers import fake_quantize, weight_qparams
-from hawq.zeroq import ZeroQConfig, hessian_sensitivity, kl_sensitivity, zeroq
+from hawq.config import ZeroQConfig
+from hawq.workflow import zeroq
+from hawq.zeroq import hessian_sensitivity, kl_sensitivity
 
 
 @pytest.fixture(autouse=True)

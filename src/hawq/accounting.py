@@ -19,6 +19,8 @@ from hawq.errors import ConfigError
 from hawq.plan import BitPlan
 from hawq.surgery import LayerInfo
 
+__all__ = ["BudgetReport", "budget_report", "count_params", "layer_bits"]
+
 
 @dataclass
 class BudgetReport:

@@ -20,6 +20,9 @@ from hawq.allocation import allocate
 from hawq.budgets import Budget
 from hawq.errors import BudgetError, ConfigError
 from hawq.plan import BitPlan, LayerSpec
+from hawq.tasks import Task, as_task
+
+__all__ = ["ActivationAllocation", "activation_plan", "allocate_activation_bits"]
 
 
 @dataclass
@@ -90,28 +93,33 @@ def allocate_activation_bits(omega: np.ndarray, elements: Sequence[float], bits:
 def activation_plan(model: nn.Module, data: Any, names: Sequence[str] | None = None,
                     bits: Sequence[int] = (2, 4, 8), total: Budget | None = None,
                     largest_bits: float | None = None, samples: int = 256, seed: int = 0,
-                    method: str = "ilp", max_probes: int = 50,
-                    progress: bool = False) -> ActivationAllocation:
+                    method: str = "ilp", max_probes: int = 50, progress: bool = False,
+                    task: Task | str | None = None) -> ActivationAllocation:
     """Activation bits for ``names`` (default: every quantizable layer) under the budgets.
 
-    ``data``: a TensorDataset or (inputs, labels) pair; the first ``samples`` are used.
+    ``data``: any form :func:`hawq.tasks.iter_batches` reads (a TensorDataset, an (inputs,
+    labels) pair, dicts of tensors, a DataLoader...); the first ``samples`` are used (in-memory
+    data as one chunk). ``task`` (default ``"classification"``) feeds the model and gives the
+    loss whose activation Hessian is traced.
     Cost: a Hutchinson run on activation traces (:func:`hawq.hessian.analyze`,
     ``metric="activation"``, at most ``max_probes`` HVPs) plus two forward passes over the
     samples.
     """
     from hawq.hessian import analyze
-    from hawq.passes import as_pair
+    from hawq.passes import read_batches
     from hawq.sensitivity import activation_omega
     from hawq.surgery import quantizable_layers
 
-    x, y = as_pair(data, "data")
-    x, y = x[:samples], y[:samples]
+    task = as_task(task)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f"samples={samples!r}: give a positive number of samples")
+    chunks = read_batches(data, samples, "data", limit=samples)
     names = list(names) if names is not None else list(quantizable_layers(model))
-    res = analyze(model, (x, y), metric="activation", layers=names, seed=seed,
-                  max_probes=max_probes, progress=progress)
+    res = analyze(model, chunks, metric="activation", layers=names, seed=seed,
+                  max_probes=max_probes, progress=progress, task=task)
     traces = [float(lh.trace) for lh in res.layers]
-    omega = activation_omega(model, (x, y), names, bits, traces)
-    elements = np.array([float(lh.params) for lh in res.layers]) / len(x)
+    omega = activation_omega(model, chunks, names, bits, traces, task=task)
+    elements = np.array([float(lh.params) for lh in res.layers]) / chunks.samples
     choices = allocate_activation_bits(omega, elements, bits, total, largest_bits, method)
     chosen = np.asarray(bits)[choices].astype(int)
     total_bits = float((elements * chosen).sum())

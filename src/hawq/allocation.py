@@ -11,7 +11,8 @@ a choice); ``params[l]`` is its weight count; resources are (L, B) matrices: ``s
   tied and pinned layers, as a binary program solved by ``scipy.optimize.milp`` (HiGHS).
 * :func:`hawq_v1_allocate` (HAWQ-V1): a deterministic relative-precision-ordering rule.
 * :func:`allocate`: one front-end taking a :class:`~hawq.budgets.Budget` and returning an
-  :class:`Allocation`.
+  :class:`Allocation`; it dispatches by name through :data:`ALLOCATORS` (``frontier``, ``ilp``,
+  ``v1-rule``; add one with ``@register_allocator("name")`` on ``fn(AllocationProblem)``).
 
 Tied layers (``tied=[(i, j), ...]``) must get the same choice index; they are merged into one
 group whose cost and resources are the sums of its members', which is exact for both methods.
@@ -35,9 +36,12 @@ from hawq.budgets import (Budget, as_bits, as_matrix, as_omega, as_params, fits,
                           resource_in_unit, resource_limit, size_budget_message,
                           size_limit_bits, size_matrix, slack)
 from hawq.errors import BudgetError, ConfigError, HawqError
+from hawq.registry import Registry
 
-__all__ = ["Allocation", "Budget", "Frontier", "allocate", "hawq_v1_allocate", "ilp_allocate",
-           "pareto_frontier", "select_on_frontier", "uniform_points"]
+__all__ = ["ALLOCATORS", "Allocation", "AllocationProblem", "Budget", "Frontier", "allocate",
+           "hawq_v1_allocate", "ilp_allocate", "make_allocation", "omega_allocators",
+           "pareto_frontier",
+           "register_allocator", "select_on_frontier", "uniform_points"]
 
 
 # ----------------------------------------------------------------------------- results
@@ -72,9 +76,13 @@ def _num(x: float) -> float | int:
     return int(x) if x.is_integer() and abs(x) < 2 ** 53 else x
 
 
-def _make_allocation(choices: np.ndarray, omega: np.ndarray | None, params: np.ndarray,
-                     bits: np.ndarray, size: np.ndarray, bops: np.ndarray | None,
-                     latency: np.ndarray | None, method: str, optimal: bool) -> Allocation:
+def make_allocation(choices: np.ndarray, omega: np.ndarray | None, params: np.ndarray,
+                    bits: np.ndarray, size: np.ndarray, bops: np.ndarray | None,
+                    latency: np.ndarray | None, method: str, optimal: bool) -> Allocation:
+    """The :class:`Allocation` of choice indices ``choices`` (L,) over ``bits`` (B,): totals of
+    ``omega``/``size``/``bops``/``latency`` (L, B; None leaves that total None), average bits
+    and compression over ``params``. For allocators (see :data:`ALLOCATORS`) and searches that
+    build plans themselves. Cost: O(L)."""
     rows = np.arange(choices.size)
     size_bits = float(size[rows, choices].sum())
     total_n = float(params.sum())
@@ -87,6 +95,8 @@ def _make_allocation(choices: np.ndarray, omega: np.ndarray | None, params: np.n
         avg_bits=size_bits / total_n,
         compression=32.0 * total_n / size_bits if size_bits > 0 else math.inf,
         method=method, optimal=bool(optimal))
+
+
 
 
 # ----------------------------------------------------------------------------- tied / pinned
@@ -523,19 +533,75 @@ def ilp_allocate(omega: Any, size: tuple[Any, float] | None = None,
 
 # ----------------------------------------------------------------------------- front-end
 
+@dataclass
+class AllocationProblem:
+    """What an allocator (an entry of :data:`ALLOCATORS`) is given, checked by :func:`allocate`.
+
+    ``omega`` (L, B) costs, ``params`` (L,) weight counts, ``bits`` (B,) choices, ``size`` (L, B)
+    sizes in bits; ``budget`` (or None) and ``size_limit`` (its limit in bits, or None);
+    ``bops``/``latency`` (L, B) matrices (or None) and their limits (raw values or
+    :class:`Budget`); ``tied``/``pinned`` as in :func:`allocate`; ``sensitivity`` (L,) per-layer
+    scores for rules that order layers (the HAWQ-V1 rule: lambda_i / n_i), or None;
+    ``size_message(best, context)`` the error text for an infeasible size budget."""
+
+    omega: np.ndarray
+    params: np.ndarray
+    bits: np.ndarray
+    size: np.ndarray
+    budget: Budget | None
+    size_limit: float | None
+    size_message: Callable[[float, str], str]
+    bops: np.ndarray | None = None
+    bops_limit: float | Budget | None = None
+    latency: np.ndarray | None = None
+    latency_limit: float | Budget | None = None
+    tied: Iterable[Any] = ()
+    pinned: Mapping[int, int] | None = None
+    max_points: int | None = None
+    time_limit: float | None = None
+    sensitivity: np.ndarray | None = None
+    fixed_bits: float = 0.0
+
+
+#: Allocators: name -> fn(AllocationProblem) -> Allocation. ``allocate(..., method=name)``
+#: dispatches through it; ``hawq compress --allocator`` offers its names.
+ALLOCATORS: Registry[Callable[[AllocationProblem], Allocation]] = Registry("allocator")
+
+
+def register_allocator(name: str, *, needs_sensitivity: bool = False) -> Callable:
+    """Decorator registering ``fn(problem: AllocationProblem) -> Allocation`` as ``name``.
+    ``needs_sensitivity``: the allocator orders layers by ``problem.sensitivity`` (per-layer
+    scores, e.g. Hessian eigenvalues) rather than choosing from Omega alone."""
+    def add(fn: Callable[[AllocationProblem], Allocation]) -> Callable:
+        fn.needs_sensitivity = needs_sensitivity  # type: ignore[attr-defined]
+        return ALLOCATORS.register(name)(fn)
+    return add
+
+
+def omega_allocators() -> list[str]:
+    """Names of the allocators that choose from the cost matrix Omega alone (not ordering rules
+    that need per-layer sensitivities): those a plan can be refined with and ZeroQ can use."""
+    return [n for n in ALLOCATORS.names()
+            if not getattr(ALLOCATORS.get(n), "needs_sensitivity", False)]
+
+
 def allocate(omega: Any, params: Any, bits: Any, budget: Budget | None = None,
              method: str = "frontier", *, size: Any = None, fixed_bits: float = 0.0,
              bops: Any = None, bops_limit: float | Budget | None = None, latency: Any = None,
              latency_limit: float | Budget | None = None, tied: Iterable[Any] = (),
              pinned: Mapping[int, int] | None = None, max_points: int | None = None,
-             time_limit: float | None = None) -> Allocation:
+             time_limit: float | None = None, sensitivity: Any = None) -> Allocation:
     """Least-total-omega plan under ``budget`` (and BOPs/latency limits with ``method='ilp'``).
 
-    ``budget`` None means no size limit. ``bops``/``latency`` (L, B) matrices are reported in the
-    result even without limits. ``method='frontier'`` supports size budgets with ``tied``/
-    ``pinned``; BOPs/latency limits need ``method='ilp'``. ``pinned`` maps a layer index to a
-    choice index (a column of ``bits``). Infeasible budgets raise :class:`BudgetError` giving the
-    smallest feasible value in the budget's own unit.
+    ``method``: a name in :data:`ALLOCATORS` (``frontier``, ``ilp``, ``v1-rule``...; an
+    unknown one raises :class:`ConfigError` listing them). ``budget`` None means no size limit.
+    ``bops``/``latency`` (L, B) matrices are reported in the result even without limits.
+    ``method='frontier'`` supports size budgets with ``tied``/``pinned``; BOPs/latency limits
+    need ``method='ilp'``. ``pinned`` maps a layer index to a choice index (a column of
+    ``bits``). ``sensitivity`` (L,): per-layer scores for ordering rules (``v1-rule``: lambda_i /
+    n_i). Infeasible budgets raise :class:`BudgetError` giving the smallest feasible value in
+    the budget's own unit. Cost: the allocator's (frontier: dynamic programming over layers;
+    ilp: one HiGHS solve; v1-rule: O(L x B) size evaluations).
     """
     om = as_omega(omega)
     n, b = as_params(params), as_bits(bits)
@@ -543,8 +609,7 @@ def allocate(omega: Any, params: Any, bits: Any, budget: Budget | None = None,
         raise ConfigError(f"omega has shape {om.shape}: give ({n.size}, {b.size}) = (len(params), "
                           "len(bits))")
     sz = size_matrix(n, b, size)
-    if method not in ("frontier", "ilp"):
-        raise ConfigError(f"method={method!r}: use 'frontier' or 'ilp'")
+    fn = ALLOCATORS.get(ALLOCATORS.check(method, "method"))
     if budget is not None and not isinstance(budget, Budget):
         raise ConfigError(f"budget={budget!r}: give a Budget, e.g. Budget('compression', 8), or "
                           "None for no size limit")
@@ -561,24 +626,39 @@ def allocate(omega: Any, params: Any, bits: Any, budget: Budget | None = None,
         return size_budget_message(budget, best, n, b, size=size,  # type: ignore[arg-type]
                                    fixed_bits=fixed_bits, context=context)
 
-    if method == "frontier":
-        if bops_limit is not None or latency_limit is not None:
-            raise ConfigError("method='frontier' supports only a size budget: use method='ilp' "
-                              "for bops_limit/latency_limit")
-        front = pareto_frontier(om, size=sz, tied=tied, pinned=pinned, max_points=max_points)
-        if limit is None:
-            k = len(front) - 1
-        elif not fits(float(front.sizes[0]), limit):
-            raise BudgetError(size_describe(float(front.sizes[0]), ""))
-        else:
-            k = select_on_frontier(front, limit)
-        return _make_allocation(front.plan(k), om, n, b, sz, bm, lm, "frontier", front.exact)
+    sens = None if sensitivity is None else np.asarray(sensitivity, dtype=float)
+    problem = AllocationProblem(om, n, b, sz, budget, limit, size_describe, bm, bops_limit, lm,
+                                latency_limit, tied, pinned, max_points, time_limit, sens,
+                                fixed_bits)
+    return fn(problem)
 
+
+@register_allocator("frontier")
+def _frontier_allocator(p: AllocationProblem) -> Allocation:
+    """HAWQ-V2 / ZeroQ: the least-omega plan on the exact Pareto frontier within the size limit."""
+    if p.bops_limit is not None or p.latency_limit is not None:
+        raise ConfigError("method='frontier' supports only a size budget: use method='ilp' "
+                          "for bops_limit/latency_limit")
+    front = pareto_frontier(p.omega, size=p.size, tied=p.tied, pinned=p.pinned,
+                            max_points=p.max_points)
+    if p.size_limit is None:
+        k = len(front) - 1
+    elif not fits(float(front.sizes[0]), p.size_limit):
+        raise BudgetError(p.size_message(float(front.sizes[0]), ""))
+    else:
+        k = select_on_frontier(front, p.size_limit)
+    return make_allocation(front.plan(k), p.omega, p.params, p.bits, p.size, p.bops,
+                            p.latency, "frontier", front.exact)
+
+
+@register_allocator("ilp")
+def _ilp_allocator(p: AllocationProblem) -> Allocation:
+    """HAWQ-V3: the integer program under every given limit (size, BOPs, latency) at once."""
     limits = []
-    if limit is not None:
-        limits.append(_Limit("size", sz, limit, size_describe))
-    for name, matrix, lim, unit in (("bops", bm, bops_limit, " BOPs"),
-                                    ("latency", lm, latency_limit, "")):
+    if p.size_limit is not None:
+        limits.append(_Limit("size", p.size, p.size_limit, p.size_message))
+    for name, matrix, lim, unit in (("bops", p.bops, p.bops_limit, " BOPs"),
+                                    ("latency", p.latency, p.latency_limit, "")):
         if lim is None:
             continue
         raw = resource_limit(lim, matrix, f"{name}_limit")
@@ -591,8 +671,26 @@ def allocate(omega: Any, params: Any, bits: Any, budget: Budget | None = None,
         else:
             describe = _raw_limit(f"{name}_limit={format_value(raw)}", name, unit)
         limits.append(_Limit(name + "_limit", matrix, raw, describe))
-    choices, optimal = _solve(om, limits, tied, pinned, time_limit, 0.0)
-    return _make_allocation(choices, om, n, b, sz, bm, lm, "ilp", optimal)
+    choices, optimal = _solve(p.omega, limits, p.tied, p.pinned, p.time_limit, 0.0)
+    return make_allocation(choices, p.omega, p.params, p.bits, p.size, p.bops, p.latency,
+                            "ilp", optimal)
+
+
+@register_allocator("v1-rule", needs_sensitivity=True)
+def _v1_rule_allocator(p: AllocationProblem) -> Allocation:
+    """HAWQ-V1: the relative-precision ordering rule by ``sensitivity``
+    (:func:`hawq_v1_allocate`)."""
+    if p.sensitivity is None:
+        raise ConfigError("method='v1-rule' orders layers by their sensitivity: pass "
+                          "sensitivity= (lambda_i / n_i per layer, e.g. top Hessian eigenvalue "
+                          "over weight count)")
+    if p.budget is None:
+        raise ConfigError("method='v1-rule' needs a size budget (e.g. Budget('compression', 8))")
+    if p.bops_limit is not None or p.latency_limit is not None or p.pinned or list(p.tied):
+        raise ConfigError("method='v1-rule' supports only a size budget (no bops/latency limits, "
+                          "tied or pinned layers): use method='ilp'")
+    return hawq_v1_allocate(p.sensitivity, p.params, p.bits, p.budget, omega=p.omega,
+                            fixed_bits=p.fixed_bits)
 
 
 # ----------------------------------------------------------------------------- HAWQ-V1 rule
@@ -646,4 +744,4 @@ def hawq_v1_allocate(sensitivity: Any, params: Any, bits: Any, size_limit: float
             if level[layer] == lvl and not fits(current, limit):
                 level[layer] -= 1
                 current = float(sz[rows, ladder[level]].sum())
-    return _make_allocation(ladder[level], om, n, b, sz, None, None, "hawq-v1", True)
+    return make_allocation(ladder[level], om, n, b, sz, None, None, "hawq-v1", True)

@@ -29,6 +29,10 @@ import numpy as np
 
 from hawq.errors import ConfigError
 
+__all__ = ["BUDGET_KINDS", "Budget", "REL_TOL", "as_bits", "as_matrix", "as_omega", "as_params",
+           "fits", "format_value", "resource_in_unit", "resource_limit", "size_budget_message",
+           "size_in_unit", "size_limit_bits", "size_matrix", "slack"]
+
 BUDGET_KINDS = ("bytes", "compression", "avg_bits", "fraction")
 _UNITS = {"bytes": "bytes", "compression": "x compression", "avg_bits": "average bits",
           "fraction": "(fraction r)"}

@@ -19,15 +19,12 @@ the bit widths (ascending), and its per-channel ``w_bits`` list follows from the
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hawq.budgets import Budget, fits, size_limit_bits
 from hawq.errors import BudgetError, ConfigError
@@ -35,7 +32,7 @@ from hawq.plan import BitPlan, LayerSpec, QuantConfig
 from hawq.quantizers import check_bits, dequantize, quantize, weight_qparams
 
 __all__ = ["ChannelAllocator", "ChannelLayer", "ChannelRewardModel", "channel_errors",
-           "compress_channelwise", "counts_to_bits", "hessian_group_plan", "ratios_to_counts",
+           "counts_to_bits", "hessian_group_plan", "ratios_to_counts",
            "shrink_traces", "trace_order"]
 
 
@@ -332,21 +329,40 @@ class ChannelRewardModel:
 
     For each layer, the weight quantized at every width is precomputed once ((B, C, ...)); a
     plan's weight is gathered channel by channel (identical to the per-channel quantizer with
-    a bit list), copied into the float model, and the model is run on ``data``. Weights only
-    (activations stay float). ``metric``: ``"kl"`` (reward = -mean KL(FP32 || quantized)),
-    ``"loss"`` (-cross-entropy) or ``"accuracy"``. :meth:`restore` puts the FP32 weights back.
-    Cost per call: one forward over ``data``.
+    a bit list), copied into the float model, and the model is run on ``data`` through
+    ``task`` (a :class:`hawq.tasks.Task`, a registered name or a loss callable; default
+    ``"classification"``; an unbound ``embedding`` task is bound to ``model`` here, which must
+    be the float model). ``data``: anything :func:`hawq.tasks.iter_batches` reads, read once
+    into memory on the model's device. Weights only (activations stay float). ``metric``
+    (higher reward is better):
+
+    * ``"kl"``: minus the mean divergence of the quantized outputs from the FP32 ones per
+      sample: KL(FP32 || quantized) of the softmaxes for a classifier's logits, the task's
+      :meth:`~hawq.tasks.Task.divergence` otherwise (per-token KL for ``causal-lm``, squared
+      error for ``embedding``);
+    * ``"loss"``: minus the task's mean loss (cross-entropy for classification);
+    * ``"metric"``: the task's headline metric, negated when lower is better (accuracy,
+      -perplexity, cosine to float); ``"accuracy"`` is its older name.
+
+    The classification task on in-memory (inputs, labels) gives the same numbers as before
+    tasks existed. :meth:`restore` puts the FP32 weights back. Cost per call: one forward over
+    ``data``; memory: the quantized weight stacks, ``data`` and (``"kl"``) the FP32 outputs.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], bits: Sequence[int],
-                 data: tuple[torch.Tensor, torch.Tensor], config: QuantConfig | None = None,
-                 metric: str = "kl", batch_size: int = 500):
+                 data: Any, config: QuantConfig | None = None,
+                 metric: str = "kl", batch_size: int = 500, task: Any = None):
         from hawq.surgery import quantizable_layers
+        from hawq.tasks import as_task, batch_len, batch_to, iter_batches
 
-        if metric not in ("kl", "loss", "accuracy"):
-            raise ConfigError(f"reward metric={metric!r}: use 'kl', 'loss' or 'accuracy'")
+        if metric not in ("kl", "loss", "accuracy", "metric"):
+            raise ConfigError(f"reward metric={metric!r}: use 'kl', 'loss' or 'metric' (the "
+                              "task's headline metric; 'accuracy' for a classifier)")
         config = config or QuantConfig()
-        self.model, self.metric, self.batch_size = model, metric, batch_size
+        task = as_task(task)
+        if task.reference is None:
+            task = task.bind(model)  # embedding: compares with a frozen float copy
+        self.model, self.metric, self.batch_size, self.task = model, metric, batch_size, task
         mods = quantizable_layers(model)
         self.weights = [mods[n].weight for n in names]
         self.original = [w.detach().clone() for w in self.weights]
@@ -358,17 +374,36 @@ class ChannelRewardModel:
                 qp = weight_qparams(w, int(b), config.w_symmetric, True, config.w_clip)
                 qs.append(dequantize(quantize(w, qp), qp))
             self.stacks.append(torch.stack(qs))
-        self.x, self.y = data
-        self.ref = self._logits().log_softmax(-1) if metric == "kl" else None
+        device = self.original[0].device if self.original else torch.device("cpu")
+        # the classifier on (inputs, labels) tensors keeps its whole-tensor formulas
+        self.pair = _plain_pair(task, data)
+        source = self.pair if self.pair is not None else data
+        self.batches = [batch_to(b, device)
+                        for b in iter_batches(source, batch_size, "reward data")]
+        self.samples = sum(batch_len(b) for b in self.batches)
+        if self.pair is not None:
+            self.y = self.pair[1].to(device)
+        self.ref: torch.Tensor | None = None
+        self.ref_outs: list[Any] | None = None
+        if metric == "kl":
+            if self.pair is not None:
+                self.ref = self._logits().log_softmax(-1)
+            else:
+                self.ref_outs = self._outputs()
 
     @torch.no_grad()
-    def _logits(self) -> torch.Tensor:
+    def _outputs(self) -> list[Any]:
+        """The model's output on every batch (eval mode, restored)."""
         was = self.model.training
         self.model.eval()
         try:
-            return torch.cat([self.model(xb) for xb in self.x.split(self.batch_size)])
+            return [self.task.forward(self.model, b) for b in self.batches]
         finally:
             self.model.train(was)
+
+    @torch.no_grad()
+    def _logits(self) -> torch.Tensor:
+        return torch.cat(self._outputs())
 
     @torch.no_grad()
     def set_bits(self, channel_bits: Sequence[Sequence[int]]) -> None:
@@ -384,18 +419,59 @@ class ChannelRewardModel:
 
     @torch.no_grad()
     def __call__(self, channel_bits: Sequence[Sequence[int]]) -> float:
-        """Reward of a plan given as per-channel bit lists (higher is better)."""
+        """Reward of a plan given as per-channel bit lists (higher is better; NaN when the
+        quantized model's outputs are)."""
+        from hawq.tasks import batch_len
+
         self.set_bits(channel_bits)
         try:
-            logits = self._logits()
+            outs = self._outputs()
         finally:
             self.restore()
-        if self.metric == "accuracy":
-            return float((logits.argmax(-1) == self.y).float().mean())
-        if self.metric == "loss":
-            return -float(F.cross_entropy(logits, self.y))
-        lq = logits.log_softmax(-1)
-        return -float((self.ref.exp() * (self.ref - lq)).sum(-1).mean())
+        task = self.task
+        if self.pair is not None:  # classification on tensors: the formulas of old, exactly
+            logits = torch.cat(outs)
+            if self.metric == "accuracy" or self.metric == "metric":
+                value = float((logits.argmax(-1) == self.y).float().mean())
+            elif self.metric == "loss":
+                value = -float(task.loss(logits, (self.pair[0], self.y)))
+            else:
+                lq = logits.log_softmax(-1)
+                value = -float((self.ref.exp() * (self.ref - lq)).sum(-1).mean())
+        elif self.metric == "kl":
+            value = -sum(float(task.divergence(o, r, b))
+                         for o, r, b in zip(outs, self.ref_outs, self.batches)) / self.samples
+        elif self.metric == "loss":
+            value = -sum(float(task.loss(o, b)) * batch_len(b)
+                         for o, b in zip(outs, self.batches)) / self.samples
+        else:
+            total, count = 0.0, 0
+            for o, b in zip(outs, self.batches):
+                s_, c_ = task.metric_sums(o, b)
+                total, count = total + float(s_), count + int(c_)
+            value = float(task.finish_metric(total, count))
+            value = value if task.higher_is_better else -value
+        return value
+
+
+def _plain_pair(task: Any, data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(inputs, labels) when ``task`` is the built-in classifier and ``data`` a TensorDataset or
+    an (inputs, labels) tensor pair, else None."""
+    from hawq.tasks import ClassificationTask
+
+    if type(task) is not ClassificationTask or task.loss_fn is not None \
+            or task.forward_fn is not None or task.metric_fn is not None:
+        return None
+    tensors = getattr(data, "tensors", None)
+    if isinstance(tensors, (tuple, list)) and len(tensors) >= 2 \
+            and all(torch.is_tensor(t) for t in tensors[:2]):
+        x, y = tensors[:2]
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t)
+                                                                      for t in data):
+        x, y = data
+    else:
+        return None
+    return (x, y) if x.dim() > 0 and y.dim() > 0 and len(x) == len(y) and len(x) > 0 else None
 
 
 def layer_features(infos: Sequence[Any], layers: Sequence[ChannelLayer]) -> np.ndarray:
@@ -414,103 +490,3 @@ def layer_features(infos: Sequence[Any], layers: Sequence[ChannelLayer]) -> np.n
 
 # ----------------------------------------------------------------------------- pipeline job
 
-def compress_channelwise(cfg: Any, out_dir: str | Path | None = None, progress: bool = False):
-    """``hawq compress --method cw-hawq|cw-hessian``: channel traces, channel-wise plan, eval.
-
-    ``cw-hawq`` searches the per-layer ratios with DDPG (``cfg.episodes``) on a held-out split
-    of ``cfg.reward_samples`` training images after the calibration images (reward:
-    -KL to FP32, weights only); ``cw-hessian`` uses :func:`hessian_group_plan` with
-    ``cfg.channel_groups``. Size budgets only. Returns a
-    :class:`hawq.pipeline.CompressResult` and writes plan.json, metrics.json, sensitivity.json,
-    layers.png into ``out_dir``. Cost: one Hutchinson run with channel traces, plus
-    ``episodes`` forwards over the reward split, plus the test evaluation.
-    """
-    import hawq
-    from hawq.data import load_dataset
-    from hawq.ddpg import DDPGConfig, ddpg_search
-    from hawq.hessian import analyze
-    from hawq.io import write_json
-    from hawq.models import build_model, get_spec
-    from hawq.pipeline import CompressResult, budget_from_config, quantize_evaluate
-
-    if cfg.bops_limit is not None or cfg.latency_table or cfg.latency_limit is not None:
-        raise ConfigError(f"method={cfg.method!r} supports size budgets only (target_compression,"
-                          " target_avg_bits, target_bytes, target_fraction)")
-    budget = budget_from_config(cfg)
-    torch.manual_seed(cfg.seed)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    spec = get_spec(cfg.model)
-    model = build_model(cfg.model, pretrained=True, data_dir=cfg.data_dir)
-    test = load_dataset(spec.dataset, "test", cfg.data_dir, cfg.test_samples)
-    n_cal = max(cfg.calib_samples, cfg.hessian_samples)
-    train = load_dataset(spec.dataset, "train", cfg.data_dir, n_cal + cfg.reward_samples)
-    x, y = train.tensors
-    if len(x) <= n_cal:
-        raise ConfigError(f"the {spec.dataset} training split has only {len(x)} samples: lower "
-                          "calib_samples/hessian_samples so a reward split is left")
-    calib = torch.utils.data.TensorDataset(x[:n_cal], y[:n_cal])
-    held = (x[n_cal:], y[n_cal:])
-    fp32 = hawq.evaluate(model, test, progress=progress)
-    infos = hawq.layers(model, test.tensors[0][:1])
-    names = [i.name for i in infos]
-    quant = QuantConfig(w_clip=cfg.w_clip)
-    times["setup"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    res = analyze(model, (x[:cfg.hessian_samples], y[:cfg.hessian_samples]), metric="channel",
-                  layers=names, seed=cfg.seed, tol=cfg.tol, max_probes=cfg.max_probes,
-                  progress=progress)
-    mods = hawq.quantizable_layers(model)
-    clayers = [ChannelLayer(i.name, i.params, i.macs, shrink_traces(lh.channel_traces))
-               for i, lh in zip(infos, res.layers)]
-    errors = [channel_errors(mods[n].weight, cfg.bits, quant) for n in names]
-    times["sensitivity"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    allocator = ChannelAllocator(clayers, cfg.bits, budget, errors)
-    search: dict[str, Any] = {}
-    if cfg.allocator == "cw-groups":
-        counts, chan_bits = hessian_group_plan(clayers, errors, cfg.bits, budget,
-                                               cfg.channel_groups)
-    else:
-        reward = ChannelRewardModel(model, names, cfg.bits, held, quant)
-        feats = layer_features(infos, clayers)
-        result = ddpg_search(feats, len(allocator.bits),
-                             lambda counts: reward(allocator.to_bits(counts)),
-                             make_plan=allocator.plan, dynamic=allocator.used_fraction,
-                             config=DDPGConfig(episodes=cfg.episodes, seed=cfg.seed,
-                                               warmup=min(20, max(cfg.episodes // 4, 1))),
-                             progress=progress)
-        counts = result.best_plan
-        chan_bits = allocator.to_bits(counts)
-        search = result.to_dict()
-    times["allocation"] = time.perf_counter() - t0
-    plan = BitPlan({n: LayerSpec(b, cfg.a_bits) for n, b in zip(names, chan_bits)})
-
-    ev, budget_rep = quantize_evaluate(model, plan, quant, calib, test, cfg.calib_samples,
-                                       infos, times, progress)
-    rows = []
-    for i, (info, lh) in enumerate(zip(infos, res.layers)):
-        rows.append({"name": info.name, "type": info.type, "params": info.params,
-                     "macs": info.macs, "w_bits": chan_bits[i], "a_bits": cfg.a_bits,
-                     "mean_w_bits": float(np.mean(chan_bits[i])),
-                     "counts": {int(b): int(c) for b, c in zip(allocator.bits, counts[i])},
-                     "trace": lh.trace, "avg_trace": lh.avg_trace, "stderr": lh.stderr})
-    alloc_info = {"method": cfg.method or cfg.allocator, "bits": allocator.bits.tolist(),
-                  "size_bits": allocator.size_bits(counts), "limit_bits": allocator.limit,
-                  "search": search}
-    out = CompressResult(config=asdict(cfg), plan=plan.to_dict(), layers=rows,
-                         allocation=alloc_info, fp32_accuracy=fp32.accuracy,
-                         accuracy=ev.accuracy, budget=budget_rep.to_dict(), seconds=times)
-    if out_dir is not None:
-        from hawq.plots import plot_layer_bits
-
-        o = Path(out_dir)
-        o.mkdir(parents=True, exist_ok=True)
-        plan.to_json(o / "plan.json")
-        write_json(o / "sensitivity.json", res.to_dict())
-        write_json(o / "metrics.json", out.to_dict())
-        plot_layer_bits(names, [r["avg_trace"] for r in rows], [r["mean_w_bits"] for r in rows],
-                        o / "layers.png", title=f"{cfg.model}: avg trace and mean channel bits")
-    return out

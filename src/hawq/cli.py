@@ -1,39 +1,84 @@
-"""The ``hawq`` command line. It sits on top of the library; the library never imports it."""
+"""The ``hawq`` command line. It sits on top of the library; the library never imports it.
+
+The flags of ``hawq compress`` and ``hawq zeroq`` are generated from
+:class:`hawq.config.CompressConfig` / :class:`hawq.config.ZeroQConfig` (their fields' help,
+choices from the registries), so a new registered sensitivity, allocator, clipping method or
+task is a valid choice at once. One flag name per meaning everywhere: ``--test-samples`` (test
+samples), ``--hessian-samples`` (samples for the Hessian), ``--calib-samples`` (calibration
+samples); the old ``--samples`` spellings still work (hidden).
+
+``--model`` takes a built-in name or your own ``pkg.module:factory`` / ``path/to/file.py:factory``
+(imported with the current folder on the path); ``--data`` your data factory; ``--task`` how
+the model is fed and judged. Errors print one line (``hawq: error: ...``) and exit with 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hawq.errors import HawqError
-from hawq.hessian import PROBE_MODES
+from hawq.config import (CompressConfig, ZeroQConfig, a_calibration_names, add_config_args,
+                         config_from_args, model_help, probe_mode_names, task_names,
+                         w_clip_names)
+from hawq.errors import ConfigError, HawqError
 from hawq.io import write_json
+
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("hawq")
 
+#: The task a command uses when neither --task nor the model factory names one.
+DEFAULT_TASK = "classification"
 
-def _common(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
-    p.add_argument("--model", default=model_default,
-                   help="registry name (resnet20/32/44/56, digits-cnn) or package.module:factory"
-                        f" (default: {model_default})")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with cifar10.npz and resnet*_cifar10.pt (default: $HAWQ_DATA, "
-                        "else ../shared/data)")
+
+def _version() -> str:
+    """``hawq.__version__`` (the package this module belongs to is already imported)."""
+    version = getattr(sys.modules.get(__package__ or "hawq"), "__version__", None)
+    if version is None:
+        from importlib.metadata import version as dist_version
+
+        version = dist_version("hawq")
+    return str(version)
+
+
+# ----------------------------------------------------------------------------- common flags
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """--json and --threads: how a command runs, not what it computes."""
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                    help="also write the result as JSON to FILE")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
 
 
-def _bits_list(text: str) -> list[int]:
-    try:
-        return [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 2,4,8")
+def _model_args(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
+    """--model, --data-dir, --data, --task, --seed (the flags the config classes generate for
+    compress/zeroq, written here for the other commands)."""
+    p.add_argument("--model", default=model_default,
+                   help=model_help() + (f" (default: {model_default})" if model_default else ""))
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with cifar10.npz and resnet*_cifar10.pt for the built-in models "
+                        "(default: $HAWQ_DATA, else ../shared/data)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="your data: 'pkg.module:factory' or 'path/to/file.py:factory' returning "
+                        "{'calib': ..., 'heldout': ..., 'test': ...} or one data object "
+                        "(default: the built-in model's dataset, or the data your model factory "
+                        "returns)")
+    p.add_argument("--task", default=DEFAULT_TASK, choices=task_names(),
+                   help="how the model is fed and judged (default: the task your model factory "
+                        f"returns, else {DEFAULT_TASK})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _common(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
+    """The model flags and the run flags (``hawq export`` uses it too)."""
+    _model_args(p, model_default)
+    _run_args(p)
 
 
 def _print_table(rows: list[list[Any]], header: list[str]) -> None:
@@ -46,56 +91,249 @@ def _print_table(rows: list[list[Any]], header: list[str]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def _load(args: argparse.Namespace):
-    from hawq.models import build_model, get_spec
-
-    spec = get_spec(args.model)
-    model = build_model(args.model, pretrained=True, data_dir=args.data_dir)
-    return spec, model
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _example(spec, args) -> torch.Tensor:
-    from hawq.data import load_dataset
+# ----------------------------------------------------------------------------- model and data
 
-    if spec.input_shape:
-        return torch.zeros(1, *spec.input_shape)
-    return load_dataset(spec.dataset, "test", args.data_dir, limit=1).tensors[0]
+@dataclass
+class _Inputs:
+    """What a command runs on: the model (built), the task (a Task, a name, a loss callable or
+    None), the data splits (keys calib/heldout/test; empty = the built-in dataset)."""
 
+    name: str
+    model: Any
+    task: Any
+    data: dict[str, Any] = field(default_factory=dict)
+    builtin: bool = True
+    input_shape: tuple[int, ...] = ()
+    dataset: str | None = None
+
+
+def _is_builtin(name: str | None) -> bool:
+    from hawq.models import MODELS
+
+    return name in MODELS
+
+
+def _inputs(model_name: str | None, data_dir: str | None, data_spec: str | None,
+            task_name: str | None, build: bool = True) -> _Inputs:
+    """Build the named model (built-in: pretrained; yours: the factory's model, task, data),
+    read ``--data`` (it replaces data a factory returned) and settle the task: ``--task`` when it
+    names another than the default, else the factory's, else the default. Raises ConfigError
+    (one line) for unusable specs."""
+    from hawq.loading import call_factory, load_object, resolve_object, unpack_data, unpack_setup
+    from hawq.models import MODELS, build_model
+
+    if not model_name:
+        raise ConfigError("give --model: a built-in name or 'pkg.module:factory'")
+    if model_name in MODELS:
+        spec = MODELS.get(model_name)
+        model = build_model(model_name, pretrained=True, data_dir=data_dir) if build else None
+        inp = _Inputs(model_name, model, None, {}, True, tuple(spec.input_shape), spec.dataset)
+    elif ":" in model_name:
+        factory = resolve_object(model_name, "model")
+        setup = unpack_setup(call_factory(factory, model_name, "model"), f"model {model_name!r}")
+        if setup.model is None:
+            raise ConfigError(f"model {model_name!r} returned no model: return an nn.Module, "
+                              "(model, task[, data]) or a dict with 'model'")
+        inp = _Inputs(model_name, setup.model.eval(), setup.task, dict(setup.data), False,
+                      tuple(getattr(factory, "input_shape", ()) or ()))
+    else:
+        raise ConfigError(f"--model {model_name!r}: use one of {MODELS.names()} or "
+                          "'pkg.module:factory' / 'path/to/file.py:factory' for your own model")
+    if data_spec:
+        inp.data = unpack_data(load_object(data_spec, "data"), f"data {data_spec!r}")
+    if task_name is not None and (task_name != DEFAULT_TASK or inp.task is None):
+        inp.task = task_name
+    return inp
+
+
+def _args_inputs(args: argparse.Namespace, build: bool = True) -> _Inputs:
+    return _inputs(args.model, getattr(args, "data_dir", None), getattr(args, "data", None),
+                   getattr(args, "task", None), build)
+
+
+class _Batches:
+    """A re-iterable list of batches that is not a list (a list of two tensors would read as one
+    (inputs, targets) pair)."""
+
+    def __init__(self, batches: list[Any]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    @property
+    def samples(self) -> int:
+        from hawq.tasks import batch_len
+
+        return sum(batch_len(b) for b in self.batches)
+
+
+def _limited(data: Any, limit: int | None, who: str, batch_size: int = 256) -> Any:
+    """``data`` cut to ``limit`` samples (as batches of ``batch_size``); ``data`` itself when
+    ``limit`` is None."""
+    if limit is None:
+        return data
+    from hawq.tasks import materialize
+
+    return _Batches(materialize(data, batch_size, who, limit=limit))
+
+
+def _pick(data: dict[str, Any], *keys: str) -> tuple[str | None, Any]:
+    for k in keys:
+        if data.get(k) is not None:
+            return k, data[k]
+    return None, None
+
+
+def _example(inp: _Inputs, data_dir: str | None = None) -> Any:
+    """One batch (or data) to run the model on once: the user's data, zeros of the built-in
+    input shape, the first built-in test image, or zeros of the factory's ``input_shape`` /
+    the shape :func:`hawq.distill.infer_input_shape` reads from the first layer."""
+    _, data = _pick(inp.data, "calib", "test", "heldout")
+    if data is not None:
+        return data
+    if inp.builtin:
+        if inp.input_shape:
+            return torch.zeros(1, *inp.input_shape)
+        from hawq.data import load_dataset
+
+        return load_dataset(inp.dataset, "test", data_dir, limit=1).tensors[0]
+    shape = inp.input_shape
+    if not shape:
+        from hawq.distill import infer_input_shape
+
+        try:
+            shape = infer_input_shape(inp.model)
+        except HawqError as e:
+            raise ConfigError(f"model {inp.name!r}: {e}; give --data so hawq can run the model "
+                              "on real inputs (or set input_shape on the factory)") from None
+    return torch.zeros(1, *shape)
+
+
+def _layer_table(inp: _Inputs, data_dir: str | None, task: Any) -> list[Any]:
+    """:func:`hawq.surgery.layers` of the model on :func:`_example`; when the example is a guess
+    (your model, no data) and the model rejects it, a ConfigError saying what to give."""
+    from hawq.surgery import layers
+
+    example = _example(inp, data_dir)
+    try:
+        return layers(inp.model, example, task=task)
+    except HawqError as e:
+        if inp.builtin or inp.data or inp.input_shape:
+            raise
+        raise ConfigError(f"model {inp.name!r} did not run on a guessed input of shape "
+                          f"{tuple(example.shape[1:])}: give --data 'pkg.module:factory' (or set "
+                          f"input_shape on the factory) — {_one_line(e)}") from None
+
+
+def _splits(inp: _Inputs, data_dir: str | None, calib_samples: int | None,
+            test_samples: int | None) -> tuple[Any, Any, list[str]]:
+    """(calibration data, test data, notes): the built-in dataset's train/test splits, or the
+    user's (test falls back to held-out, then calibration data, with a note)."""
+    if inp.builtin and not inp.data:
+        from hawq.data import load_dataset
+
+        return (load_dataset(inp.dataset, "train", data_dir, calib_samples),
+                load_dataset(inp.dataset, "test", data_dir, test_samples), [])
+    notes = []
+    ck, calib = _pick(inp.data, "calib", "heldout", "test")
+    tk, test = _pick(inp.data, "test", "heldout", "calib")
+    if calib is None:
+        raise ConfigError(f"model {inp.name!r} has no data: give --data 'pkg.module:factory' "
+                          "returning {'calib': ..., 'test': ...} (or return data from the model "
+                          "factory)")
+    if ck != "calib":
+        notes.append(f"no calibration data given: calibrating on the {ck} data")
+    if tk != "test":
+        notes.append(f"no test data given: the metric is measured on the {tk} data")
+    return calib, _limited(test, test_samples, "test data", 500), notes
+
+
+def _job_inputs(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, data, task) for :func:`hawq.workflow.compress`/``zeroq``: (None, None, task) for a
+    built-in model on its own dataset, else the built model and the data."""
+    if _is_builtin(cfg.model) and not cfg.data:
+        return None, None, None if cfg.task == DEFAULT_TASK else cfg.task
+    inp = _inputs(cfg.model, cfg.data_dir, cfg.data, cfg.task)
+    if not inp.data and not isinstance(cfg, ZeroQConfig):
+        raise ConfigError(f"model {cfg.model!r} has no data: give --data 'pkg.module:factory' "
+                          "returning {'calib': ..., 'heldout': ..., 'test': ...} or one data "
+                          "object (or return data from the model factory)")
+    return inp.model, (inp.data or None), inp.task
+
+
+def _score(metric: str | None, value: float | None, fp32: float | None) -> str:
+    """"top-1 71.20% (FP32 72.00%)" for accuracy, "perplexity 12.3 (FP32 11.9)" otherwise."""
+    if value is None:
+        return "not evaluated"
+    if (metric or "accuracy") == "accuracy":
+        out = f"top-1 {100 * value:.2f}%"
+        return out + (f" (FP32 {100 * fp32:.2f}%)" if fp32 is not None else "")
+    return f"{metric} {value:.4g}" + (f" (FP32 {fp32:.4g})" if fp32 is not None else "")
+
+
+def _result_score(res: Any) -> str:
+    return _score(getattr(res, "metric", "accuracy"), getattr(res, "value", res.accuracy),
+                  getattr(res, "fp32_value", res.fp32_accuracy))
+
+
+def _print_warnings(res: Any) -> None:
+    for w in getattr(res, "warnings", None) or []:
+        print(f"warning: {w}")
+
+
+# ----------------------------------------------------------------------------- commands
 
 def cmd_layers(args: argparse.Namespace) -> dict[str, Any]:
-    import hawq
+    from hawq.accounting import count_params
+    from hawq.surgery import unsupported_layers
+    from hawq.tasks import as_task
 
-    spec, model = _load(args)
-    infos = hawq.layers(model, _example(spec, args))
+    inp = _args_inputs(args)
+    infos = _layer_table(inp, args.data_dir, as_task(inp.task))
     rows = [[i.name, i.type, i.params, i.macs, "x".join(map(str, i.in_shape[1:])),
              "x".join(map(str, i.out_shape[1:]))] for i in infos]
     _print_table(rows, ["layer", "type", "params", "MACs", "input", "output"])
-    unsupported = hawq.surgery.unsupported_layers(model)
+    unsupported = unsupported_layers(inp.model)
     print(f"\n{len(infos)} quantizable layers, {sum(i.params for i in infos):,} weights, "
-          f"{sum(i.macs for i in infos):,} MACs/sample; model has {hawq.count_params(model):,} "
-          f"parameters" + (f"; unsupported (stay float): {unsupported}" if unsupported else ""))
+          f"{sum(i.macs for i in infos):,} MACs/sample; model has "
+          f"{count_params(inp.model):,} parameters"
+          + (f"; unsupported (stay float): {unsupported}" if unsupported else ""))
     return {"model": args.model, "layers": [i.to_dict() for i in infos],
             "unsupported": unsupported}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    import hawq
+    from hawq.accounting import budget_report, count_params
     from hawq.biascorr import quantize_calibrate_
-    from hawq.data import load_dataset
+    from hawq.evaluate import evaluate
+    from hawq.plan import BitPlan, QuantConfig
+    from hawq.surgery import layers
+    from hawq.tasks import as_task
 
-    spec, model = _load(args)
-    test = load_dataset(spec.dataset, "test", args.data_dir, args.samples)
-    infos = hawq.layers(model, test.tensors[0][:1])
-    plan = (hawq.BitPlan.from_json(args.plan) if args.plan
-            else hawq.BitPlan.uniform(args.w_bits, args.a_bits))
-    config = hawq.QuantConfig(w_clip=args.w_clip, a_calibration=args.a_calibration)
-    calib = load_dataset(spec.dataset, "train", args.data_dir, args.calib_samples)
+    inp = _args_inputs(args)
+    model = inp.model
+    task = as_task(inp.task).bind(model)
+    calib, test, notes = _splits(inp, args.data_dir, args.calib_samples, args.test_samples)
+    for n in notes:
+        print(f"note: {n}")
+    example = test.tensors[0][:1] if hasattr(test, "tensors") else test
+    infos = layers(model, example, task=task)
+    plan = (BitPlan.from_json(args.plan) if args.plan
+            else BitPlan.uniform(args.w_bits, args.a_bits))
+    config = QuantConfig(w_clip=args.w_clip, a_calibration=args.a_calibration)
     report = quantize_calibrate_(model, plan, config, calib, args.calib_samples,
-                                 args.bias_correct, progress=True)
-    res = hawq.evaluate(model, test, progress=True)
-    size = hawq.budget_report(infos, plan, hawq.count_params(model))
-    print(f"{args.model}  plan: {'file ' + args.plan if args.plan else f'W{args.w_bits}A{args.a_bits}'}"
-          f"  top-1 {100 * res.accuracy:.2f}% on {res.samples} test images (loss {res.loss:.4f})")
+                                 args.bias_correct, progress=True, task=task)
+    res = evaluate(model, test, progress=True, task=task)
+    size = budget_report(infos, plan, count_params(model))
+    what = "test images" if inp.builtin and not inp.data else "test samples"
+    which = "file " + args.plan if args.plan else f"W{args.w_bits}A{args.a_bits}"
+    print(f"{args.model}  plan: {which}  {_score(res.metric, res.value, None)} on "
+          f"{res.samples} {what} (loss {res.loss:.4f})")
     print(f"size {size.size_bytes / 1024:.1f} KiB vs FP32 {size.fp32_bytes / 1024:.1f} KiB "
           f"(model {size.compression:.2f}x, weights {size.weight_compression:.2f}x, "
           f"{size.avg_bits:.2f} avg bits); BOPs {size.bops / 1e9:.3f} G "
@@ -103,18 +341,31 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "plan": plan.to_dict(), "eval": res.to_dict(),
             "budget": size.to_dict(), "quantized": report.quantized,
             "left_float": report.left_float, "unsupported": report.unsupported,
-            "config": vars(config)}
+            "config": vars(config), "notes": notes}
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
-    from hawq.data import load_dataset
     from hawq.hessian import analyze
+    from hawq.tasks import as_task
 
-    spec, model = _load(args)
-    data = load_dataset(spec.dataset, args.split, args.data_dir, args.samples)
-    res = analyze(model, data.tensors, metric=args.metric, seed=args.seed, tol=args.tol,
-                  max_probes=args.max_probes, batch_size=args.batch_size,
-                  probe_mode=args.probe_mode, progress=True)
+    inp = _args_inputs(args)
+    n = args.hessian_samples
+    if inp.builtin and not inp.data:
+        from hawq.data import load_dataset
+
+        ds = load_dataset(inp.dataset, args.split, args.data_dir, n)
+        data, samples, batch_size = ds.tensors, len(ds), args.batch_size
+    else:
+        key, src = _pick(inp.data, *(("calib", "heldout", "test") if args.split == "train"
+                                     else ("test", "heldout", "calib")))
+        if src is None:
+            raise ConfigError(f"model {inp.name!r} has no data: give --data 'pkg.module:factory'")
+        batches = _limited(src, n, f"{key} data", args.batch_size or n)
+        data, samples, batch_size = batches, batches.samples, None
+    task = as_task(inp.task).bind(inp.model)
+    res = analyze(inp.model, data, metric=args.metric, seed=args.seed, tol=args.tol,
+                  max_probes=args.max_probes, batch_size=batch_size,
+                  probe_mode=args.probe_mode, progress=True, task=task)
     rows = []
     for lh in res.layers:
         eig = lh.eigenvalue[0] if isinstance(lh.eigenvalue, list) else lh.eigenvalue
@@ -125,61 +376,31 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     _print_table(rows, ["layer", "params", "trace", "avg trace", "stderr", "eigenvalue",
                         "probes"])
     print(f"\n{args.metric}: {res.hvp_count} Hessian-vector products in {res.seconds:.1f} s on "
-          f"{len(data)} {args.split} samples")
+          f"{samples} {args.split} samples")
     return res.to_dict() | {"model": args.model}
 
 
-def _add_budget_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("budget (give one size target; BOPs/latency need --allocator ilp)")
-    g.add_argument("--target-compression", type=float, default=None,
-                   help="weight compression vs FP32 (e.g. 8 = average 4 bits); default 8")
-    g.add_argument("--target-avg-bits", type=float, default=None, help="average weight bits")
-    g.add_argument("--target-bytes", type=float, default=None, help="quantized weight bytes")
-    g.add_argument("--target-fraction", type=float, default=None,
-                   help="r in [0,1] between all-lowest and all-highest bits (HAWQ-V3)")
-    g.add_argument("--bops", type=float, default=None, dest="bops_limit",
-                   help="BOPs limit in G (MACs x w_bits x a_bits)")
-    g.add_argument("--latency-table", default=None,
-                   help="JSON {layer: {bits: latency}} for --latency-limit")
-    g.add_argument("--latency-limit", type=float, default=None, help="total latency limit")
-    g.add_argument("--bits", type=_bits_list, default=[2, 4, 8],
-                   help="candidate weight bit widths (default 2,4,8)")
-    g.add_argument("--pin-first-last", type=int, default=None, metavar="BITS",
-                   help="keep the first and last layer at BITS (must be in --bits)")
-
-
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
-    from hawq.pipeline import CompressConfig, compress
+    from hawq.workflow import compress
 
-    cfg = CompressConfig(
-        model=args.model, data_dir=args.data_dir, method=args.method,
-        sensitivity=args.sensitivity, allocator=args.allocator, bits=tuple(args.bits),
-        a_bits=args.a_bits, target_compression=args.target_compression,
-        target_avg_bits=args.target_avg_bits, target_bytes=args.target_bytes,
-        target_fraction=args.target_fraction, bops_limit=args.bops_limit,
-        latency_table=args.latency_table, latency_limit=args.latency_limit,
-        pin_first_last=args.pin_first_last, hessian_samples=args.samples,
-        max_probes=args.max_probes, probe_mode=args.probe_mode, calib_samples=args.calib_samples,
-        test_samples=args.test_samples, w_clip=args.w_clip, seed=args.seed,
-        bias_correct=args.bias_correct, refine=args.refine, refine_samples=args.refine_samples,
-        refine_candidates=args.refine_candidates,
-        episodes=args.episodes, reward_samples=args.reward_samples,
-        channel_groups=args.channel_groups)
-    res = compress(cfg, out_dir=args.out, progress=True)
+    cfg = config_from_args(CompressConfig, args)
+    model, data, task = _job_inputs(cfg, args)
+    res = compress(model, data, task=task, config=cfg, out_dir=args.out, progress=True)
     if args.out:
         from hawq.report import record_command
 
         record_command(args.out, getattr(args, "argv", None))
-    rows = [[r["name"], r["params"], f"{r['avg_trace']:.3g}" if r["avg_trace"] is not None
+    rows = [[r["name"], r["params"], f"{r['avg_trace']:.3g}" if r.get("avg_trace") is not None
              else "-", r.get("mean_w_bits", r["w_bits"]), r["a_bits"]] for r in res.layers]
     _print_table(rows, ["layer", "params", "avg trace", "w_bits", "a_bits"])
     b = res.budget
     if res.refinement is not None:
         r = res.refinement
-        print(f"refinement: {len(r['moves'])} exchanges in {r['evaluations']} passes, KL to FP32 "
-              f"{r['start_value']:.4g} -> {r['value']:.4g} on the held-out images")
-    print(f"\n{cfg.model} [{cfg.sensitivity} + {cfg.allocator}]: top-1 "
-          f"{100 * res.accuracy:.2f}% (FP32 {100 * res.fp32_accuracy:.2f}%), weights "
+        print(f"refinement: {len(r['moves'])} exchanges in {r['evaluations']} passes, "
+              f"divergence to FP32 {r['start_value']:.4g} -> {r['value']:.4g} on the held-out "
+              "data")
+    _print_warnings(res)
+    print(f"\n{cfg.model} [{cfg.sensitivity} + {cfg.allocator}]: {_result_score(res)}, weights "
           f"{b['weight_compression']:.2f}x ({b['avg_bits']:.2f} avg bits), model "
           f"{b['size_bytes'] / 1024:.1f} KiB, {b['bops'] / 1e9:.3f} GBOPs")
     if args.out:
@@ -187,15 +408,18 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
               f"{args.out}")
     out = res.to_dict()
     if args.finetune > 0:
-        from hawq.pipeline import finetune_plan
         from hawq.plan import BitPlan
+        from hawq.workflow import finetune_plan
 
         args.epochs = args.finetune
         ft_dir = f"{args.out}/finetune" if args.out else None
-        ft = finetune_plan(args.model, BitPlan.from_dict(res.plan), ft_dir,
-                           config=_finetune_config(args), data_dir=args.data_dir,
-                           train_samples=args.train_samples, test_samples=args.test_samples,
-                           a_avg_bits=args.a_avg_bits, progress=True, device=args.device)
+        # the float model again: compress quantized the first one in place
+        fresh, fdata, ftask = _job_inputs(cfg, args)
+        ft = finetune_plan(fresh if fresh is not None else cfg.model, BitPlan.from_dict(res.plan),
+                           ft_dir, data=fdata, task=ftask, config=_finetune_config(args),
+                           data_dir=cfg.data_dir, train_samples=args.train_samples,
+                           test_samples=cfg.test_samples, a_avg_bits=args.a_avg_bits,
+                           progress=True, device=args.device)
         _print_finetune(ft, ft_dir)
         out["finetune"] = ft
     return out
@@ -204,41 +428,41 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from hawq.allocation import pareto_frontier, uniform_points
+    from hawq.allocation import ALLOCATORS, pareto_frontier, uniform_points
     from hawq.io import read_json
-    from hawq.pipeline import CompressConfig, allocate_plan
+    from hawq.pipeline import allocate_plan
     from hawq.plan import BitPlan, LayerSpec, QuantConfig
+    from hawq.sensitivity import omega_matrix, weight_errors
+    from hawq.tasks import as_task
 
-    sens = read_json(args.sensitivity, "sensitivity file")
+    if not args.sensitivity_file:
+        raise ConfigError("give --sensitivity-file FILE: the JSON written by 'hawq analyze --json'")
+    sens = read_json(args.sensitivity_file, "sensitivity file")
     layers = sens.get("layers") if isinstance(sens, dict) else None
     if not layers:
-        raise HawqError(f"{args.sensitivity}: expected the JSON of 'hawq analyze' (with 'layers')")
+        raise ConfigError(f"{args.sensitivity_file}: expected the JSON of 'hawq analyze' (with "
+                          "'layers')")
+    ALLOCATORS.check(args.allocator, "--allocator")
     names = [lh["name"] for lh in layers]
     params = np.array([lh["params"] for lh in layers], dtype=float)
-    bits = tuple(sorted(set(args.bits)))
     model_name = args.model or sens.get("model")
     if model_name is None:
-        raise HawqError("give --model: the weights are needed for ||Q(W) - W||^2")
-    _, model = _load(argparse.Namespace(model=model_name, data_dir=args.data_dir))
-    import hawq
-    from hawq.sensitivity import omega_matrix, weight_errors
-
-    from hawq.models import get_spec
-
-    infos = {i.name: i for i in hawq.layers(model, _example(get_spec(model_name), args))}
+        raise ConfigError("give --model: the weights are needed for ||Q(W) - W||^2")
+    inp = _inputs(model_name, args.data_dir, args.data, args.task)
+    infos = {i.name: i for i in _layer_table(inp, args.data_dir, as_task(inp.task))}
+    missing = [n for n in names if n not in infos]
+    if missing:
+        raise ConfigError(f"{args.sensitivity_file} names layers {missing[:5]} that model "
+                          f"{model_name!r} does not have: analyze and allocate the same model")
     macs = np.array([infos[n].macs for n in names], dtype=float)
-    errors = weight_errors(model, names, bits, QuantConfig(w_clip=args.w_clip))
+    cfg = config_from_args(CompressConfig, args, model=model_name)
+    bits = cfg.bits
+    errors = weight_errors(inp.model, names, bits, QuantConfig(w_clip=cfg.w_clip))
     key = "eigenvalue" if sens.get("metric") == "eigen" else "avg_trace"
     scores = [(lh[key][0] if isinstance(lh[key], list) else lh[key]) for lh in layers]
     omega = omega_matrix(scores, errors)
-    cfg = CompressConfig(model=model_name, allocator=args.allocator, bits=bits,
-                         target_compression=args.target_compression,
-                         target_avg_bits=args.target_avg_bits, target_bytes=args.target_bytes,
-                         target_fraction=args.target_fraction, bops_limit=args.bops_limit,
-                         latency_table=args.latency_table, latency_limit=args.latency_limit,
-                         pin_first_last=args.pin_first_last, a_bits=args.a_bits)
     alloc = allocate_plan(cfg, names, params, macs, omega, {"hessian": sens})
-    plan = BitPlan({n: LayerSpec(int(b), args.a_bits) for n, b in zip(names, alloc.bits)})
+    plan = BitPlan({n: LayerSpec(int(b), cfg.a_bits) for n, b in zip(names, alloc.bits)})
     _print_table([[n, int(p), int(b)] for n, p, b in zip(names, params, alloc.bits)],
                  ["layer", "params", "w_bits"])
     print(f"\n{alloc.method}: {alloc.avg_bits:.3f} avg bits, {alloc.compression:.2f}x, total "
@@ -253,33 +477,24 @@ def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_zeroq(args: argparse.Namespace) -> dict[str, Any]:
-    from hawq.zeroq import ZeroQConfig, zeroq
+    from hawq.workflow import zeroq
 
-    cfg = ZeroQConfig(
-        model=args.model, data_dir=args.data_dir, bits=tuple(args.bits), a_bits=args.a_bits,
-        w_bits=args.w_bits, target_compression=args.target_compression,
-        target_avg_bits=args.target_avg_bits, target_bytes=args.target_bytes,
-        target_fraction=args.target_fraction, bops_limit=args.bops_limit,
-        latency_table=args.latency_table, latency_limit=args.latency_limit,
-        pin_first_last=args.pin_first_last, sensitivity=args.sensitivity,
-        allocator=args.allocator, data_source=args.data_source, distill_batch=args.distill_batch,
-        distill_iters=args.distill_iters, distill_lr=args.distill_lr,
-        distill_label_weight=args.distill_label_weight, calib_samples=args.calib_samples,
-        w_clip=args.w_clip, evaluate=not args.no_eval,
-        test_samples=args.test_samples, seed=args.seed)
-    res = zeroq(cfg, out_dir=args.out, progress=True)
-    _print_table([[r["name"], r["params"], f"{max(r['omega']):.3g}" if r["omega"] else "-",
+    cfg = config_from_args(ZeroQConfig, args)
+    model, data, task = _job_inputs(cfg, args)
+    res = zeroq(model, data, task=task, config=cfg, out_dir=args.out, progress=True)
+    _print_table([[r["name"], r["params"], f"{max(r['omega']):.3g}" if r.get("omega") else "-",
                    r["w_bits"], r["a_bits"]] for r in res.layers],
                  ["layer", "params", f"max {cfg.sensitivity}", "w_bits", "a_bits"])
     d, b = res.distill, res.budget
     if d:
         print(f"\ndistilled {d['batch_size']} inputs in {d['seconds']:.1f} s: BN loss "
               f"{d['initial_loss']:.4g} -> {d['final_loss']:.4g} ({d['reduction']:.0f}x)")
-    acc = (f"top-1 {100 * res.accuracy:.2f}% (FP32 {100 * res.fp32_accuracy:.2f}%) on real test "
-           "data, " if res.accuracy is not None else "")
+    _print_warnings(res)
+    value = getattr(res, "value", res.accuracy)
+    score = f"{_result_score(res)} on real test data, " if value is not None else ""
     print(f"{cfg.model} zero-shot [{cfg.data_source} data, {cfg.sensitivity} + {cfg.allocator}]: "
-          f"{acc}weights {b['weight_compression']:.2f}x ({b['avg_bits']:.2f} avg bits), "
-          f"{res.seconds['total']:.1f} s")
+          f"{score}weights {b['weight_compression']:.2f}x ({b['avg_bits']:.2f} avg bits), "
+          f"{res.seconds.get('total', sum(res.seconds.values())):.1f} s")
     if args.out:
         print(f"wrote plan.json, metrics.json, sensitivity.json and plots to {args.out}")
     return res.to_dict()
@@ -298,17 +513,18 @@ def _finetune_config(args: argparse.Namespace):
 def _add_finetune_args(p: argparse.ArgumentParser, epochs_flag: str = "--epochs") -> None:
     g = p.add_argument_group("fine-tuning")
     if epochs_flag == "--epochs":
-        g.add_argument("--epochs", type=int, default=1, help="epochs of QAT (default 1)")
-    g.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default 0.005)")
-    g.add_argument("--batch-size", type=int, default=128)
+        g.add_argument("--epochs", type=int, default=1, help="epochs of QAT (default: 1)")
+    g.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default: 0.005)")
+    g.add_argument("--batch-size", type=int, default=128,
+                   help="training batch size (default: 128)")
     g.add_argument("--steps-per-epoch", type=int, default=None, help="cap steps per epoch")
     g.add_argument("--distill", type=float, default=0.5,
-                   help="weight of knowledge distillation from FP32 (default 0.5; 0 = off)")
+                   help="weight of knowledge distillation from FP32 (default: 0.5; 0 = off)")
     g.add_argument("--staged", action="store_true",
                    help="HAWQ-V1 schedule: quantize and fine-tune blocks in decreasing Omega")
     g.add_argument("--stages", type=int, default=None, help="merge blocks into N stages")
     g.add_argument("--bn-fold-at", type=float, default=0.5,
-                   help="fraction of training after which BatchNorm is folded (default 0.5)")
+                   help="fraction of training after which BatchNorm is folded (default: 0.5)")
     g.add_argument("--no-bn-fold", action="store_true", help="keep BatchNorm unfolded")
     g.add_argument("--fixed-steps", action="store_true",
                    help="keep quantizer step sizes from min/max/EMA instead of learning them "
@@ -316,117 +532,120 @@ def _add_finetune_args(p: argparse.ArgumentParser, epochs_flag: str = "--epochs"
     g.add_argument("--a-avg-bits", type=float, default=None,
                    help="mixed-precision activations from activation-Hessian traces at this "
                         "average (e.g. 4 = 8x activation compression); default: plan's a_bits")
-    g.add_argument("--train-samples", type=int, default=None, help="limit training images")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="limit the training samples (default: all)")
     g.add_argument("--device", default="cpu",
                    help="where to fine-tune: cpu (default), cuda or cuda:N")
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from hawq.pipeline import finetune_plan
     from hawq.plan import BitPlan
+    from hawq.workflow import finetune_plan
 
     plan = BitPlan.from_json(args.plan)
-    res = finetune_plan(args.model, plan, args.out, config=_finetune_config(args),
-                        data_dir=args.data_dir, train_samples=args.train_samples,
-                        test_samples=args.test_samples, a_avg_bits=args.a_avg_bits,
-                        resume=args.resume, progress=True, device=args.device)
+    if _is_builtin(args.model) and not args.data and args.task == DEFAULT_TASK:
+        model, data, task = args.model, None, None
+    else:
+        inp = _args_inputs(args)
+        model, data, task = inp.model, (inp.data or None), inp.task
+        if inp.builtin and not inp.data:
+            model = args.model  # a built-in model on its own data, with another task
+    res = finetune_plan(model, plan, args.out, data=data, task=task,
+                        config=_finetune_config(args), data_dir=args.data_dir,
+                        train_samples=args.train_samples, test_samples=args.test_samples,
+                        a_avg_bits=args.a_avg_bits, resume=args.resume, progress=True,
+                        device=args.device)
     _print_finetune(res, args.out)
     return res
 
 
 def _print_finetune(res: dict[str, Any], out: str | None) -> None:
     for h in res["finetune"]["history"]:
-        print(f"epoch {h['epoch']}: loss {h['loss']:.4f}, train top-1 "
-              f"{100 * h['train_accuracy']:.2f}%, {h['seconds']:.0f} s")
-    print(f"{res['model']}: FP32 {100 * res['fp32_accuracy']:.2f}%, post-training "
-          f"{100 * res['ptq_accuracy']:.2f}%, after fine-tuning {100 * res['accuracy']:.2f}%")
+        train = h.get("train_accuracy")
+        print(f"epoch {h['epoch']}: loss {h['loss']:.4f}"
+              + (f", train top-1 {100 * train:.2f}%" if train is not None else "")
+              + f", {h['seconds']:.0f} s")
+    metric = res.get("metric", "accuracy")
+    fp32 = res.get("fp32_value", res.get("fp32_accuracy"))
+    ptq = res.get("ptq_value", res.get("ptq_accuracy"))
+    after = res.get("value", res.get("accuracy"))
+    if metric == "accuracy":
+        print(f"{res['model']}: FP32 {100 * fp32:.2f}%, post-training {100 * ptq:.2f}%, after "
+              f"fine-tuning {100 * after:.2f}%")
+    else:
+        print(f"{res['model']}: {metric} FP32 {fp32:.4g}, post-training {ptq:.4g}, after "
+              f"fine-tuning {after:.4g}")
     if out:
         print(f"wrote finetune.json, plan.json, model.pt, last.pt to {out}")
 
 
+# ----------------------------------------------------------------------------- the parser
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hawq`` parser; choice lists are read from the registries now (build a fresh one
+    after registering a sensitivity, allocator, task...)."""
+    from hawq.hessian import METRICS
+
     parser = argparse.ArgumentParser(prog="hawq", description="Hessian-aware mixed-precision "
                                      "quantization for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"hawq {_version()}",
+                        help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("layers", help="table of quantizable layers: params, MACs, shapes")
     _common(p)
     p.set_defaults(func=cmd_layers)
 
-    p = sub.add_parser("eval", help="uniform (or planned) post-training quantization + accuracy")
+    p = sub.add_parser("eval", help="uniform (or planned) post-training quantization + metric")
     _common(p)
-    p.add_argument("--w-bits", type=int, default=8, help="weight bits (1-8, or 32 for float)")
-    p.add_argument("--a-bits", type=int, default=8, help="activation bits (1-8, or 32)")
+    p.add_argument("--w-bits", type=int, default=8,
+                   help="weight bits (1-8, or 32 for float; default: 8)")
+    p.add_argument("--a-bits", type=int, default=8,
+                   help="activation bits (1-8, or 32; default: 8)")
     p.add_argument("--plan", default=None, help="bit plan JSON instead of --w-bits/--a-bits")
-    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--w-clip", default="minmax", choices=w_clip_names(),
+                   help="weight clipping (default: minmax)")
     p.add_argument("--bias-correct", action="store_true",
                    help="after quantizing, correct each layer's bias so its mean output per "
-                        "channel matches FP32 on the calibration images (hawq.bias_correct_)")
-    p.add_argument("--a-calibration", default="minmax", choices=["minmax", "percentile"])
+                        "channel matches FP32 on the calibration data (hawq.bias_correct_)")
+    p.add_argument("--a-calibration", default="minmax", choices=a_calibration_names(),
+                   help="activation ranges (default: minmax)")
     p.add_argument("--calib-samples", type=int, default=512,
-                   help="training images used to calibrate activation ranges (default 512)")
-    p.add_argument("--samples", type=int, default=None, help="limit the test images")
+                   help="calibration samples for the activation ranges (default: 512)")
+    p.add_argument("--test-samples", type=int, default=None,
+                   help="limit the test samples (default: all)")
+    p.add_argument("--samples", dest="test_samples", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("analyze", help="per-layer Hessian traces / eigenvalues / channel, "
                        "activation or Fisher traces")
     _common(p)
-    p.add_argument("--metric", default="trace",
-                   choices=["trace", "eigen", "channel", "activation", "fisher"])
-    p.add_argument("--samples", type=int, default=256, help="data samples (default 256)")
-    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--metric", default="trace", choices=list(METRICS),
+                   help="what to estimate (default: trace)")
+    p.add_argument("--hessian-samples", type=int, default=256,
+                   help="samples for the Hessian (default: 256)")
+    p.add_argument("--samples", dest="hessian_samples", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--split", default="train", choices=["train", "test"],
+                   help="train (calibration data) or test (default: train)")
     p.add_argument("--tol", type=float, default=None,
                    help="relative stderr target (trace, default 1e-2) or eigen tolerance (1e-3)")
-    p.add_argument("--max-probes", type=int, default=200)
-    p.add_argument("--probe-mode", default="joint", choices=PROBE_MODES,
+    p.add_argument("--max-probes", type=int, default=200,
+                   help="Hutchinson probes / power iterations at most (default: 200)")
+    p.add_argument("--probe-mode", default="joint", choices=probe_mode_names(),
                    help="trace/channel/activation: 'joint' (one HVP per probe for all layers) "
                         "or 'layer' (each layer alone, L HVPs per probe, lower variance)")
-    p.add_argument("--batch-size", type=int, default=None, help="split data into chunks")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="split the data into chunks of this many samples")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("compress", help="the main job: analyse, allocate bits, quantize, evaluate")
-    _common(p)
-    p.add_argument("--method", default=None,
-                   choices=["hawq-v2", "hawq-v1", "ilp", "cw-hawq", "cw-hessian"],
-                   help="preset: hawq-v2 = trace Omega + Pareto frontier; hawq-v1 = eigenvalue "
-                        "ordering rule; ilp = integer program over --sensitivity; cw-hawq = "
-                        "per-channel bits, ratios by DDPG; cw-hessian = per-channel bits by "
-                        "Omega over trace-sorted channel groups")
-    p.add_argument("--episodes", type=int, default=100, help="cw-hawq: DDPG episodes (100)")
-    p.add_argument("--reward-samples", type=int, default=1000,
-                   help="cw-hawq: held-out training images for the reward (1000)")
-    p.add_argument("--channel-groups", type=int, default=4,
-                   help="cw-hessian: channel groups per layer (4)")
-    p.add_argument("--sensitivity", default="hybrid",
-                   choices=["hybrid", "hawq-v2", "hawq-v1", "measured"],
-                   help="how Omega_i(b) is computed (default hybrid: max of the Hessian Omega and "
-                        "the measured single-layer loss increase)")
-    p.add_argument("--allocator", default="ilp", choices=["ilp", "frontier", "v1-rule"])
-    p.add_argument("--a-bits", type=int, default=8, help="activation bits (default 8)")
-    p.add_argument("--samples", type=int, default=256, help="images for the Hessian (256)")
-    p.add_argument("--max-probes", type=int, default=50, help="Hutchinson probes at most (50)")
-    p.add_argument("--probe-mode", default="joint", choices=PROBE_MODES,
-                   help="Hutchinson probes: 'joint' (default, one HVP per probe for all layers) "
-                        "or 'layer' (each layer alone: L HVPs per probe, lower variance; the "
-                        "better choice for --method hawq-v2)")
-    p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--test-samples", type=int, default=None)
-    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
-    p.add_argument("--bias-correct", action="store_true",
-                   help="after quantizing, correct each layer's bias so its mean output per "
-                        "channel matches FP32 on the calibration images (hawq.bias_correct_)")
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default="auto",
-                   help="after allocating, try exchanges (one layer a bit width up, one down, "
-                        "same budget) measured on the whole quantized model: KL to FP32 on "
-                        "--refine-samples held-out training images (hawq.refine.refine_plan). "
-                        "Default: only hybrid plans averaging <= 3.5 weight bits, where the "
-                        "per-layer cost model is weakest; --no-refine: never")
-    p.add_argument("--refine-samples", type=int, default=1024)
-    p.add_argument("--refine-candidates", type=int, default=16,
-                   help="exchanges measured per refinement round (16)")
-    p.add_argument("--out", default=None, help="directory for plan, metrics, plots")
-    _add_budget_args(p)
+    add_config_args(p, CompressConfig)
+    _run_args(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for plan, metrics, plots")
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
                    help="then fine-tune the plan for EPOCHS epochs (QAT; see 'hawq finetune')")
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -436,44 +655,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="quantization-aware fine-tuning of a bit plan")
     _common(p)
     p.add_argument("--plan", required=True, help="bit plan JSON (e.g. from 'hawq compress')")
-    p.add_argument("--out", default=None, help="directory for checkpoints and results")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for checkpoints and results")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--test-samples", type=int, default=None)
+    p.add_argument("--test-samples", type=int, default=None,
+                   help="limit the test samples (default: all)")
     _add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("allocate", help="bit plan from a sensitivity JSON under a budget")
-    p.add_argument("--sensitivity", required=True, help="JSON written by 'hawq analyze --json'")
+    p.add_argument("--sensitivity-file", default=None, metavar="FILE",
+                   help="JSON written by 'hawq analyze --json' (required)")
+    p.add_argument("--sensitivity", dest="sensitivity_file", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     _common(p, model_default=None)
-    p.add_argument("--allocator", default="ilp", choices=["ilp", "frontier", "v1-rule"])
-    p.add_argument("--a-bits", type=int, default=8)
-    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
-    p.add_argument("--plot", default=None, help="PNG of the Pareto frontier")
-    _add_budget_args(p)
+    add_config_args(p, CompressConfig, only=(
+        "allocator", "bits", "a_bits", "target_compression", "target_avg_bits", "target_bytes",
+        "target_fraction", "bops_limit", "latency_table", "latency_limit", "pin_first_last",
+        "w_clip"))
+    p.add_argument("--plot", default=None, metavar="PNG", help="PNG of the Pareto frontier")
     p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("zeroq", help="ZeroQ: data-free mixed precision from distilled data")
-    _common(p, model_default="resnet20")
-    p.add_argument("--sensitivity", default="kl", choices=["kl", "hessian"],
-                   help="kl (ZeroQ) or hessian (HAWQ-V2 trace on distilled data)")
-    p.add_argument("--allocator", default="frontier", choices=["frontier", "ilp"])
-    p.add_argument("--a-bits", type=int, default=8, help="activation bits (default 8)")
-    p.add_argument("--w-bits", type=int, default=None,
-                   help="uniform weight bits instead of a mixed-precision budget")
-    p.add_argument("--data-source", default="distilled", choices=["distilled", "real", "noise"],
-                   help="inputs for sensitivity and calibration (default distilled: zero-shot)")
-    p.add_argument("--distill-batch", type=int, default=32)
-    p.add_argument("--distill-iters", type=int, default=500)
-    p.add_argument("--distill-lr", type=float, default=0.5)
-    p.add_argument("--distill-label-weight", type=float, default=10.0,
-                   help="weight of a cross-entropy term toward round-robin class labels added to "
-                        "ZeroQ's BN loss (default 10; 0 = ZeroQ's own loss)")
-    p.add_argument("--calib-samples", type=int, default=512, help="for --data-source real/noise")
-    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
-    p.add_argument("--test-samples", type=int, default=None)
-    p.add_argument("--no-eval", action="store_true", help="skip the real-test-data report")
-    p.add_argument("--out", default=None, help="directory for plan, metrics, plots")
-    _add_budget_args(p)
+    add_config_args(p, ZeroQConfig)
+    _run_args(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for plan, metrics, plots")
     p.set_defaults(func=cmd_zeroq)
     from hawq.cli_export import add_parsers  # hawq export / hawq report
 
@@ -482,22 +689,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hawq`` console script. Returns the exit status."""
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run dirs
+    """Entry point of the ``hawq`` console script and ``python -m hawq``. Returns the exit
+    status: 0, 2 for an error hawq explains (one line on stderr, no traceback), 130 when
+    interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+    except HawqError as exc:
+        print(f"hawq: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    args.argv = argv  # recorded in run dirs
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(getattr(args, "seed", 0))
     try:
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(getattr(args, "seed", 0))
         result = args.func(args)
+        if getattr(args, "json_out", None) and result is not None:
+            write_json(args.json_out, result)
+            print(f"wrote {args.json_out}")
     except HawqError as exc:
-        print(f"hawq: error: {exc}", file=sys.stderr)
+        print(f"hawq: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    if getattr(args, "json_out", None) and result is not None:
-        write_json(args.json_out, result)
-        print(f"wrote {args.json_out}")
+    except KeyboardInterrupt:
+        print("hawq: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 from hawq.errors import ConfigError
 
+__all__ = ["add_parsers", "cmd_export", "cmd_report"]
+
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     """hawq export: packed integer checkpoint (+ ONNX) of a run's plan or of --model/--plan."""
@@ -72,6 +74,8 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_parsers(sub: Any, common: Callable[..., None]) -> None:
     """Add the export and report subcommands to the hawq CLI (``common`` adds --model etc.)."""
+    from hawq.config import w_clip_names
+
     p = sub.add_parser("export", help="packed integer checkpoint (safetensors + manifest), "
                        "optionally ONNX with QDQ")
     p.add_argument("--run", default=None, help="a 'hawq compress --out' directory (its plan)")
@@ -81,8 +85,10 @@ def add_parsers(sub: Any, common: Callable[..., None]) -> None:
                    "safetensors); the manifest goes beside it as .json")
     p.add_argument("--onnx", default=None, metavar="FILE", help="also write ONNX (QDQ) here")
     p.add_argument("--no-int4", action="store_true", help="ONNX: 8-bit types only")
-    p.add_argument("--w-clip", default="minmax", choices=["minmax", "mse"])
-    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--w-clip", default="minmax", choices=w_clip_names(),
+                   help="weight clipping with --model/--plan (default: minmax; --run: the run's)")
+    p.add_argument("--calib-samples", type=int, default=512,
+                   help="calibration samples with --model/--plan (default: 512; --run: the run's)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="HTML + Markdown report of a 'hawq compress' run")
@@ -90,9 +96,11 @@ def add_parsers(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--out", default=None, help="write the report here (default: DIR)")
     p.add_argument("--density", action="store_true",
                    help="first compute the Hessian eigenvalue density (SLQ) into DIR")
-    p.add_argument("--density-samples", type=int, default=256)
+    p.add_argument("--density-samples", type=int, default=256,
+                   help="samples for --density (default: 256)")
     p.add_argument("--open-html-path", action="store_true",
                    help="print only the HTML file's path (e.g. xdg-open $(hawq report DIR "
                         "--open-html-path))")
-    p.add_argument("--json", dest="json_out", default=None, metavar="FILE")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
+                   help="also write the report's summary as JSON to FILE")
     p.set_defaults(func=cmd_report)

@@ -16,6 +16,9 @@ from torch.utils.data import TensorDataset
 
 from hawq.errors import ConfigError, DataError
 
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "load_cifar10", "load_dataset", "load_digits",
+           "normalize_cifar", "resolve_data_dir"]
+
 #: Normalisation the shared pretrained CIFAR ResNets were trained with (ImageNet constants).
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hawq.errors import ConfigError, NumericalError
+from hawq.tasks import as_task
 
 __all__ = ["BNCall", "DistillResult", "bn_layers", "bn_statistics_loss", "distill_data",
            "infer_input_shape", "record_bn_inputs"]
@@ -174,11 +175,30 @@ def infer_input_shape(model: nn.Module, image_size: int = 32) -> tuple[int, ...]
                       "(per sample, e.g. (3, 32, 32))")
 
 
-def _label_targets(out: torch.Tensor, n: int) -> torch.Tensor:
-    if out.dim() != 2:
-        raise ConfigError(f"label_weight needs (N, classes) logits; the model returns "
-                          f"{tuple(out.shape)}: use label_weight=0 (ZeroQ's loss)")
-    return torch.arange(n, device=out.device) % out.shape[1]
+def _label_logits(out: Any, n: int) -> torch.Tensor:
+    """The (N, classes) logits in a model's output (a tensor, ``.logits``, a dict's
+    ``"logits"`` or a tuple's first item); :class:`ConfigError` when there are none."""
+    logits = out
+    if not torch.is_tensor(logits):
+        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if not torch.is_tensor(logits) and isinstance(out, (tuple, list)) and out \
+            and torch.is_tensor(out[0]):
+        logits = out[0]
+    if not torch.is_tensor(logits):
+        raise ConfigError(f"label_weight needs (N, classes) logits; the model returns a "
+                          f"{type(out).__name__}: use label_weight=0 (ZeroQ's loss)")
+    if logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < 2 \
+            or not logits.is_floating_point():
+        raise ConfigError(f"label_weight needs (N={n}, classes >= 2) float logits; the model "
+                          f"returns {tuple(logits.shape)} {logits.dtype}: use label_weight=0 "
+                          "(ZeroQ's loss)")
+    return logits
+
+
+def _label_targets(out: Any, n: int) -> torch.Tensor:
+    """Round-robin class labels 0, 1, ..., K-1, 0, ... for ``n`` samples of ``out``'s logits."""
+    logits = _label_logits(out, n)
+    return torch.arange(n, device=logits.device) % logits.shape[1]
 
 
 def _initial(shape: tuple[int, ...], init: str, gen: torch.Generator) -> torch.Tensor:
@@ -241,8 +261,11 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
     it runs in eval mode; both are restored afterwards. Returns a :class:`DistillResult`.
     Cost: ``iterations`` forward + input-gradient backward passes on one batch, plus one forward.
     ``label_weight`` > 0 adds ``label_weight x cross-entropy(model(x), targets)`` with targets
-    0, 1, ..., K-1, 0, 1, ... (K = the model's output width): class-conditional samples (as
-    GDFQ / DSG-style generators do). ZeroQ's own loss is ``label_weight=0`` (the default here).
+    0, 1, ..., K-1, 0, 1, ... (K = the model's output width; the cross-entropy is the
+    ``classification`` task's loss, on logits returned as a tensor, an output's ``.logits`` or
+    a tuple's first item; a model without (N, K >= 2) logits raises ConfigError, and a NaN/inf
+    label term NumericalError): class-conditional samples (as GDFQ / DSG-style generators
+    do). ZeroQ's own loss is ``label_weight=0`` (the default here).
     Pure BN matching gives "average" images whose final pooled features are far smaller than
     real ones, so a range calibrated on them clips the classifier's input; the label term
     gives confident samples (ResNet-20 W8A8: 91.20% -> 91.62%, FP32 91.73%). ``losses`` and
@@ -269,6 +292,7 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
     grads = [(p, p.requires_grad) for p in model.parameters()]
     losses: list[float] = []
     targets: torch.Tensor | None = None
+    label_task = as_task("classification")
     last_ce = float("nan")
     t0 = time.perf_counter()
     model.eval()
@@ -294,9 +318,13 @@ def distill_data(model: nn.Module, input_shape: Sequence[int] | None = None,
                 if label_weight > 0:
                     if targets is None:
                         targets = _label_targets(out, batch_size)
-                    ce = F.cross_entropy(out, targets)
-                    total = loss + label_weight * ce
+                    # the classification task's loss on the logits (tensor, .logits or tuple)
+                    ce = label_task.loss(_label_logits(out, batch_size), (x, targets))
                     last_ce = float(ce.detach())
+                    if not math.isfinite(last_ce):
+                        raise NumericalError(f"the label term (cross-entropy) became {last_ce} "
+                                             f"at iteration {it}; lower label_weight or lr")
+                    total = loss + label_weight * ce
                 total.backward()
                 opt.step()
                 sched.step(float(total.detach()))

@@ -6,6 +6,9 @@ argument or layer at fault, what was given, and what to do instead.
 
 from __future__ import annotations
 
+__all__ = ["BudgetError", "ConfigError", "DataError", "HawqError", "NumericalError",
+           "UnsupportedLayerError"]
+
 
 class HawqError(Exception):
     """Base class of every error hawq raises on purpose."""

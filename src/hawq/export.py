@@ -8,7 +8,9 @@
   row's bit width b into a little-endian bit stream that starts on a byte boundary, so a row
   takes ceil(K*b/8) bytes. Beside it ``L.weight:scale`` (float32, per channel or 0-d),
   ``L.weight:zero_point`` (int32; only when not all zero) and ``L.weight:bits`` (uint8, one per
-  row; only for per-output-channel bit widths). Every other state-dict entry (BatchNorm,
+  row; only for per-output-channel bit widths). A MultiheadAttention ``L`` stores its packed
+  ``in_proj_weight`` the same way, under ``L.in_proj_weight:...`` (one with separate q/k/v
+  weights raises UnsupportedLayerError). Every other state-dict entry (BatchNorm,
   biases, float layers, the activation quantizers' calibrated ``act.lo``/``act.hi``) is stored
   under its own key, floats as float32.
 * ``<stem>.json``, the manifest: format version, the model identity (registry name or
@@ -36,11 +38,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hawq.errors import ConfigError, DataError
+from hawq.attention import pin_slow_path_
+from hawq.errors import ConfigError, DataError, UnsupportedLayerError
 from hawq.io import atomic_write_bytes, atomic_write_text
 from hawq.plan import BitPlan, LayerSpec, QuantConfig
-from hawq.qmodules import TWINS, QuantMixin, to_twin
+from hawq.qmodules import TWINS, QuantMixin, layer_bias, layer_weight, layer_weight_key, to_twin
 from hawq.quantizers import QParams, dequantize, int_range, quantize
+
+__all__ = ["ENCODING", "ExportResult", "FORMAT", "FORMAT_VERSION", "PackedWeightMixin",
+           "accounted_size", "load_quantized", "manifest_path_for", "pack_bits", "packed_class",
+           "quantized_from_plan", "read_manifest", "roundtrip_equal", "row_nbytes",
+           "save_quantized", "size_check", "unpack_bits"]
 
 FORMAT = "hawq-packed"
 FORMAT_VERSION = 1
@@ -256,8 +264,8 @@ def _infos_without_forward(model: nn.Module, names: Sequence[str] | None = None)
     mods = quantizable_layers(model)
     out = []
     for name, m in mods.items():
-        bias = getattr(m, "bias", None)
-        out.append(LayerInfo(name, type(m).__name__, m.weight.numel(),
+        bias = layer_bias(m)
+        out.append(LayerInfo(name, type(m).__name__, layer_weight(m).numel(),
                              0 if bias is None else bias.numel(), 0, [], []))
     return out
 
@@ -317,6 +325,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str | 
             entry["packed"] = False
             layers[name] = entry
             continue
+        wkey = layer_weight_key(m)
+        if wkey is None:
+            raise UnsupportedLayerError(
+                f"save_quantized: layer {name!r} ({type(m).__name__}) keeps its quantized weight "
+                "in several tensors (a MultiheadAttention with kdim/vdim != embed_dim), which "
+                "the packed format cannot store yet: leave it float in the plan, or save the "
+                "fake-quantized model with torch.save(model.state_dict(), ...)")
         w = m.weight.detach().float().cpu()
         q = quantize(w, qp).to(torch.int64)
         rows, row_len = w.shape[0], w[0].numel()
@@ -326,7 +341,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str | 
                 else np.full(rows, int(qp.qmin)))
         u = q.reshape(rows, row_len).numpy() - qmin[:, None]
         packed = pack_bits(u, row_bits)
-        key = f"{name}.weight"
+        key = f"{name}.{wkey}"  # "L.weight"; "L.in_proj_weight" for MultiheadAttention
         packed_keys.add(key)
         tensors[f"{key}:packed"] = torch.from_numpy(packed)
         tensors[f"{key}:scale"] = qp.scale.detach().float().cpu().clone()
@@ -476,9 +491,11 @@ def load_quantized(path: str | os.PathLike,
             raise ConfigError(f"the checkpoint has layer {name!r} that the model lacks: pass the "
                               "architecture the checkpoint was saved from")
         m = mods[name]
-        if list(m.weight.shape) != entry["weight_shape"]:
+        w = layer_weight(m)
+        if w is None or list(w.shape) != entry["weight_shape"]:
             raise ConfigError(f"layer {name!r}: checkpoint weight shape {entry['weight_shape']} "
-                              f"!= model {list(m.weight.shape)}")
+                              f"!= model {None if w is None else list(w.shape)}; pass the "
+                              "architecture the checkpoint was saved from")
         spec = LayerSpec(entry["w_bits"], entry["a_bits"])
         cfg = QuantConfig(w_symmetric=entry["w_symmetric"], w_per_channel=entry["w_per_channel"],
                           a_calibration=entry["act"]["method"],
@@ -497,11 +514,11 @@ def load_quantized(path: str | os.PathLike,
                 torch.tensor(entry["act"]["scale"], dtype=torch.float32),
                 torch.tensor(entry["act"]["zero_point"], dtype=torch.int64),
                 int(entry["act"]["bits"]), lo, hi, None)
-        if twin.bias is None and f"{name}.bias" in tensors:  # added by hawq.bias_correct_
+        if getattr(twin, "bias", ...) is None and f"{name}.bias" in tensors:  # bias_correct_
             twin.bias = nn.Parameter(torch.zeros(twin.weight.shape[0]))
         if not entry.get("packed"):
             continue
-        key = f"{name}.weight"
+        key = f"{name}.{layer_weight_key(twin)}"
         rows, row_len = entry["rows"], entry["row_len"]
         bits = entry["w_bits"]
         qmin = np.asarray(int_range(np.asarray(bits, dtype=np.int64), entry["w_symmetric"])[0])
@@ -539,6 +556,7 @@ def load_quantized(path: str | os.PathLike,
                           f"{unexpected[:8]}; pass the architecture the checkpoint was saved "
                           "from")
     net.load_state_dict(load, strict=True)
+    pin_slow_path_(net)  # fused transformer fast paths would bypass the twins
     return net.eval()
 
 

@@ -1,9 +1,16 @@
 """Quantization-aware fine-tuning (QAT) and HAWQ's Hessian-ordered staged schedule.
 
 :func:`finetune` trains a model under a :class:`~hawq.plan.BitPlan` with fake-quantized weights
-and activations (straight-through gradients):
+and activations (straight-through gradients). The model is fed and its loss taken through a
+:class:`hawq.tasks.Task` (``task=``, default ``"classification"``: cross-entropy on (inputs,
+labels)), so token models, Hugging Face models and sentence encoders train the same way; the
+data may be anything :func:`hawq.tasks.iter_batches` reads.
 
-* **Activations**: each quantizer is calibrated (min/max) on ``calib_samples`` training images
+* **Data order**: in-memory data (tensors, (inputs, labels) pairs, TensorDatasets, dicts of
+  tensors) and map-style Datasets are shuffled every epoch by a generator seeded with ``seed``
+  (a permutation, the last partial batch dropped), so runs and resumes are exact; a DataLoader
+  (or any re-iterable of batches) is iterated as given, its own shuffling included.
+* **Activations**: each quantizer is calibrated (min/max) on ``calib_samples`` training samples
   when its layer is first quantized, then tracks an exponential moving average of the batch
   min/max while training (``act_range="ema"``) or keeps the calibrated range (``"fixed"``).
 * **BatchNorm**: trains normally until ``bn_fold_at`` (a fraction of the run), then every
@@ -18,8 +25,15 @@ and activations (straight-through gradients):
   (momentum and weight decay included): without it, channels with a small s are 1/s^2 times
   sharper and a folded ResNet-20 collapses within 5 steps at lr 5e-4 (measured; it trains
   with the preconditioner).
-* **Knowledge distillation** (``distill`` > 0) from a frozen copy of the FP32 model.
-* **CIFAR augmentation**: random crop (4-pixel zero padding) and horizontal flip, vectorised.
+* **Knowledge distillation** (``distill`` > 0) from a frozen copy of the FP32 model: the
+  temperature-scaled KL between the softmaxes of the logits, for tasks whose outputs are logits
+  (``classification``; ``causal-lm`` per token, padding masked). Tasks whose outputs are not
+  logits (``embedding``, ``loss-dict``, custom losses) have no soft targets: their plain task
+  loss is used alone (a warning says so; the ``embedding`` loss already pulls the output to the
+  float model's).
+* **CIFAR augmentation**: random crop (4-pixel zero padding) and horizontal flip, vectorised;
+  only for the classification task on in-memory 4-D image tensors (a DataLoader augments in its
+  own dataset).
 * **Staged (HAWQ-V1)**: ``staged=True`` quantizes blocks stage by stage in decreasing
   Omega_i = lambda_i * ||Q(W_i) - W_i||^2 (:func:`staged_order`); layers of later stages stay
   float until their stage starts; stages share the step budget evenly.
@@ -28,7 +42,8 @@ and activations (straight-through gradients):
   reproduces the uninterrupted run exactly (same threads, same device).
 
 Cost: ``epochs`` passes over ``train`` (forward + backward, plus the teacher's forward with
-distillation), one calibration pass over ``calib_samples`` per stage, and for ``staged=True``
+distillation, plus the task's metric on each batch: for ``embedding`` one more forward of the
+float reference), one calibration pass over ``calib_samples`` per stage, and for ``staged=True``
 the eigenvalue analysis of :func:`staged_order` (power iteration, ~20 HVPs per layer).
 """
 
@@ -36,8 +51,10 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import math
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,13 +65,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hawq.errors import ConfigError, NumericalError
+from hawq.errors import ConfigError, DataError, NumericalError
 from hawq.io import atomic_write_bytes
-from hawq.passes import as_pair
 from hawq.plan import BitPlan, LayerSpec, QuantConfig
 from hawq.qmodules import ActQuantizer, QuantMixin
 from hawq.quantizers import is_float
 from hawq.surgery import quantizable_layers, quantize_
+from hawq.tasks import (ClassificationTask, Task, as_task, batch_len, batch_to, iter_batches,
+                        materialize, split_batch)
+
+__all__ = ["CHECKPOINT", "FinetuneConfig", "FinetuneResult", "augment_cifar", "bn_scales",
+           "conv_bn_pairs", "default_blocks", "finetune", "fold_bn_", "has_soft_targets", "lr_at",
+           "staged_order"]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 
@@ -70,9 +94,10 @@ class FinetuneConfig:
     schedule: str = "cosine"          # "cosine" | "step" (x0.1 at 50% and 75%) | "constant"
     batch_size: int = 128
     steps_per_epoch: int | None = None  # cap (a subset of each epoch), for quick runs
-    distill: float = 0.0              # weight of the KD loss, 0 = plain cross-entropy
+    distill: float = 0.0              # weight of the KD loss, 0 = the plain task loss
     temperature: float = 4.0
     augment: str = "auto"             # "cifar" crop+flip | "none" | "auto": cifar for 3x32x32
+    #                                   (classification on in-memory 4-D images only)
     act_range: str = "ema"            # "ema" | "fixed"
     ema: float = 0.99
     bn_fold_at: float | None = 0.5    # fraction of steps after which BN is folded; None = never
@@ -157,11 +182,14 @@ def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+def conv_bn_pairs(model: nn.Module, example: Any,
+                  task: Task | str | None = None) -> list[tuple[str, str]]:
     """(layer, batchnorm) names where the BatchNorm's input *is* the layer's output tensor.
 
     Found by hooks on one forward of ``example`` (so it follows the real data flow, not module
-    order). Assumes the layer's output feeds only that BatchNorm, as in Conv->BN->ReLU stacks.
+    order): ``model(example)`` when ``task`` is None, else ``task.forward(model, example)`` with
+    ``example`` a batch of the task's form. Assumes the layer's output feeds only that
+    BatchNorm, as in Conv->BN->ReLU stacks. Cost: one forward of ``example``.
     """
     outs: dict[int, str] = {}
     pairs: list[tuple[str, str]] = []
@@ -180,7 +208,10 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
     was = model.training
     model.eval()
     try:
-        model(example)
+        if task is None:
+            model(example)
+        else:
+            as_task(task).forward(model, example)
     finally:
         model.train(was)
         for h in hooks:
@@ -252,19 +283,28 @@ def default_blocks(names: Sequence[str]) -> list[list[str]]:
 def staged_order(model: nn.Module, plan: BitPlan, data: Any, names: Sequence[str],
                  blocks: Sequence[Sequence[str]] | None = None, samples: int = 256,
                  seed: int = 0, config: QuantConfig | None = None,
-                 progress: bool = False) -> tuple[list[list[str]], list[float]]:
+                 progress: bool = False, task: Task | str | None = None
+                 ) -> tuple[list[list[str]], list[float]]:
     """HAWQ-V1 block order: blocks sorted by decreasing Omega_B = sum_i lambda_i ||Q(W_i)-W_i||^2.
 
-    lambda_i is the top Hessian eigenvalue of layer i on ``samples`` training points and Q the
-    plan's bits for that layer. Returns (blocks in order, their Omegas). Cost: power iteration
-    per layer (see :func:`hawq.hessian.analyze` with ``metric="eigen"``).
+    lambda_i is the top Hessian eigenvalue of the ``task``'s loss (default classification) for
+    layer i on the first ``samples`` training samples of ``data`` (any form
+    :func:`hawq.tasks.iter_batches` reads) and Q the plan's bits for that layer. Returns
+    (blocks in order, their Omegas). Cost: power iteration per layer (see
+    :func:`hawq.hessian.analyze` with ``metric="eigen"``).
     """
     from hawq.hessian import analyze
     from hawq.sensitivity import weight_errors
 
-    x, y = as_pair(data, "train data")
-    res = analyze(model, (x[:samples], y[:samples]), metric="eigen", layers=list(names),
-                  seed=seed, progress=progress)
+    pair = _plain_pair(as_task(task), data)
+    if pair is not None:  # the classifier on (x, y) tensors: as it always was
+        x, y = pair
+        res = analyze(model, (x[:samples], y[:samples]), metric="eigen", layers=list(names),
+                      seed=seed, progress=progress)
+    else:
+        chunks = _BatchList(materialize(data, samples, "train data", limit=samples))
+        res = analyze(model, chunks, metric="eigen", layers=list(names), seed=seed,
+                      progress=progress, task=as_task(task))
     lam = {lh.name: float(lh.eigenvalue) for lh in res.layers}
     omega = {}
     for n in names:
@@ -276,6 +316,127 @@ def staged_order(model: nn.Module, plan: BitPlan, data: Any, names: Sequence[str
     scores = [sum(omega[n] for n in b) for b in blocks]
     order = sorted(range(len(blocks)), key=lambda i: (-scores[i], i))
     return [blocks[i] for i in order], [scores[i] for i in order]
+
+
+class _BatchList:
+    """Batches read into memory, handed on as an iterable of batches (a plain list of two
+    tensors would be read as one (inputs, targets) pair)."""
+
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _is_plain_classification(task: Task) -> bool:
+    return type(task) is ClassificationTask and task.loss_fn is None \
+        and task.forward_fn is None and task.metric_fn is None
+
+
+def _plain_pair(task: Task, data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(inputs, labels) when ``task`` is the built-in classifier and ``data`` a TensorDataset or
+    an (inputs, labels) tensor pair (the paths kept number for number), else None."""
+    if not _is_plain_classification(task):
+        return None
+    tensors = getattr(data, "tensors", None)
+    if isinstance(tensors, (tuple, list)) and len(tensors) >= 2 \
+            and all(torch.is_tensor(t) for t in tensors[:2]):
+        x, y = tensors[:2]
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]) \
+            and torch.is_tensor(data[1]):
+        x, y = data
+    else:
+        return None
+    return (x, y) if len(x) == len(y) and len(x) > 0 else None
+
+
+def _leaf_tensors(obj: Any) -> list[torch.Tensor] | None:
+    """The tensors of a nested tuple/list/dict structure, or None when something else is in it."""
+    if torch.is_tensor(obj):
+        return [obj]
+    items = obj.values() if isinstance(obj, Mapping) else (
+        obj if isinstance(obj, (tuple, list)) else None)
+    if items is None or not len(obj):
+        return None
+    out: list[torch.Tensor] = []
+    for v in items:
+        sub = _leaf_tensors(v)
+        if sub is None:
+            return None
+        out.extend(sub)
+    return out
+
+
+def _whole(data: Any, who: str) -> Any:
+    """``data`` as one in-memory structure (a tensor, a tuple of tensors or dicts of tensors such
+    as ``(inputs, labels)`` or ``(images, {"boxes": ..., "labels": ...})``, a dict of tensors;
+    every tensor with the same number of samples) or None when it is a Dataset or an iterable
+    of batches (as :func:`hawq.tasks.iter_batches` tells them apart). Raises
+    :class:`DataError` naming ``who`` for tensors of different lengths or no samples."""
+    tensors = getattr(data, "tensors", None)
+    if torch.is_tensor(data):
+        whole = data
+    elif isinstance(tensors, (tuple, list)) and tensors \
+            and all(torch.is_tensor(t) for t in tensors):  # a TensorDataset
+        whole = tuple(tensors)
+    elif (isinstance(data, Mapping) and data) or (isinstance(data, tuple)
+                                                  and 1 <= len(data) <= 3):
+        if _leaf_tensors(data) is None:
+            return None
+        whole = dict(data) if isinstance(data, Mapping) else data
+    elif isinstance(data, list) and len(data) == 2:
+        leaves = _leaf_tensors(data)  # [inputs, labels]; two batches of other sizes are batches
+        if leaves is None or any(t.dim() == 0 for t in leaves) \
+                or len({int(t.shape[0]) for t in leaves}) != 1:
+            return None
+        whole = tuple(data)
+    else:
+        return None
+    lens = [int(t.shape[0]) if t.dim() else None for t in _leaf_tensors(whole)]
+    if None in lens or len(set(lens)) != 1:
+        raise DataError(f"{who} has tensors of {lens} samples; every tensor needs the same "
+                        "number of samples (first dimension)")
+    if lens[0] == 0:
+        raise DataError(f"{who} holds no samples")
+    return whole
+
+
+def _take(data: Any, idx: torch.Tensor, n: int) -> Any:
+    """The samples ``idx`` of in-memory ``data`` (tensors with ``n`` leading rows are indexed,
+    others kept; tuples, lists and dicts followed)."""
+    if torch.is_tensor(data):
+        return data[idx.to(data.device)] if data.dim() and data.shape[0] == n else data
+    if isinstance(data, Mapping):
+        return {k: _take(v, idx, n) for k, v in data.items()}
+    if isinstance(data, tuple):
+        return tuple(_take(v, idx, n) for v in data)
+    if isinstance(data, list):
+        return [_take(v, idx, n) for v in data]
+    return data
+
+
+def _logit_tensor(out: Any) -> torch.Tensor:
+    """The logits in a model's output: itself, ``.logits``, a dict's ``"logits"`` or a tuple's
+    first tensor; :class:`DataError` otherwise."""
+    if torch.is_tensor(out):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if torch.is_tensor(logits):
+        return logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise DataError(f"distillation needs logits; the model returned a {type(out).__name__}")
+
+
+def has_soft_targets(task: Task) -> bool:
+    """Whether ``task``'s outputs are logits whose softmax is a distribution over classes or
+    tokens (accuracy/perplexity tasks: ``classification``, ``causal-lm``), so knowledge
+    distillation can match them; False for ``embedding``, ``loss-dict`` and custom losses."""
+    return task.metric in ("accuracy", "perplexity")
 
 
 def _merge(blocks: list[list[str]], stages: int | None) -> list[list[str]]:
@@ -312,7 +473,9 @@ def _stage_plan(plan: BitPlan, names: Sequence[str], active: set[str]) -> BitPla
 
 
 @torch.no_grad()
-def _calibrate(model: nn.Module, names: Sequence[str], x: torch.Tensor, batch: int) -> None:
+def _calibrate(model: nn.Module, names: Sequence[str], batches: Sequence[Any],
+               task: Task) -> None:
+    """Calibrate the activation quantizers of ``names`` on ``batches`` (fed by ``task``)."""
     mods = quantizable_layers(model)
     qs = [mods[n].act for n in names if isinstance(mods[n], QuantMixin)
           and not is_float(mods[n].act.bits)]
@@ -323,8 +486,8 @@ def _calibrate(model: nn.Module, names: Sequence[str], x: torch.Tensor, batch: i
     was = model.training
     model.eval()
     try:
-        for xb in x.split(batch):
-            model(xb)
+        for b in batches:
+            task.forward(model, b)
     finally:
         model.train(was)
     for q in qs:
@@ -336,50 +499,116 @@ def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Te
                     reduction="batchmean", log_target=True) * t * t
 
 
+def _kd_term(out: Any, t_out: Any, batch: Any, t: float) -> torch.Tensor:
+    """Knowledge-distillation loss of the student's logits ``out`` against the teacher's
+    ``t_out``: temperature-scaled KL of the softmaxes over the last dimension, averaged over
+    samples ((N, K) logits) or over positions ((N, S, V) token logits; positions with
+    ``attention_mask == 0`` left out)."""
+    s, te = _logit_tensor(out), _logit_tensor(t_out)
+    if s.dim() > 2:
+        k = s.shape[-1]
+        s, te = s.reshape(-1, k), te.reshape(-1, k)
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if torch.is_tensor(mask) and mask.numel() == s.shape[0]:
+            keep = mask.reshape(-1).to(s.device) != 0
+            s, te = s[keep], te[keep]
+    return _kd_loss(s, te, t)
+
+
 def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig | None = None,
              *, quant: QuantConfig | None = None, eval_data: Any = None,
              checkpoint_dir: str | Path | None = None, resume: bool = False,
              blocks: Sequence[Sequence[str]] | None = None, progress: bool = True,
-             stop_after_epoch: int | None = None) -> FinetuneResult:
+             stop_after_epoch: int | None = None,
+             task: Task | str | None = None) -> FinetuneResult:
     """Quantization-aware fine-tuning of ``model`` (in place) under ``plan``.
 
-    ``train``: a TensorDataset or (inputs, labels) pair. ``eval_data`` (optional) is scored
-    after every epoch. ``blocks`` (staged only) groups layer names; default: by parent module.
-    ``stop_after_epoch`` ends the run early after that epoch (used to test resuming).
-    Returns a :class:`FinetuneResult`; the model is left in eval mode, quantized (BatchNorm
-    folded when ``bn_fold_at`` is not None) and ready for :func:`hawq.evaluate` or export.
-    Cost: see the module docstring.
+    ``train``: anything :func:`hawq.tasks.iter_batches` reads. In-memory data (a TensorDataset,
+    an (inputs, labels) pair, a tensor, a dict of tensors) and map-style Datasets are shuffled
+    per epoch by a generator seeded with ``config.seed`` (last partial batch dropped); a
+    DataLoader or another re-iterable of batches is iterated as given (``steps_per_epoch`` is
+    required when it has no ``len()``). ``task`` (a :class:`hawq.tasks.Task`, a registered name
+    or a loss callable; default ``"classification"``) feeds the model and gives the training
+    loss; an ``embedding`` task not yet bound is bound to ``model`` (the float model) here.
+    ``eval_data`` (optional) is scored with the task's metric after every epoch. ``blocks``
+    (staged only) groups layer names; default: by parent module. ``stop_after_epoch`` ends the
+    run early after that epoch (used to test resuming).
+    Returns a :class:`FinetuneResult` whose history rows hold ``loss``,
+    ``train_<metric>`` (``train_accuracy`` for classification) and ``eval_<metric>``; the
+    model is left in eval mode, quantized (BatchNorm folded when ``bn_fold_at`` is not None)
+    and ready for :func:`hawq.evaluate` or export. Raises :class:`ConfigError` for options that
+    do not fit the data or task, :class:`DataError` for data the task cannot use,
+    :class:`NumericalError` on a NaN/inf loss. Cost: see the module docstring.
     """
     cfg = config or FinetuneConfig()
     quant = quant or QuantConfig()
     if cfg.learn_steps:
         quant = replace(quant, learn_steps=True)
-    x, y = as_pair(train, "train data")
+    task = as_task(task)
+    if task.reference is None:
+        task = task.bind(model)  # embedding: a frozen copy of the float model (others: as is)
     if checkpoint_dir is None and resume:
         raise ConfigError("resume=True needs checkpoint_dir= (where last.pt was written)")
+    whole = _whole(train, "train data")
+    if whole is not None:
+        kind = "whole"
+    elif isinstance(train, torch.utils.data.Dataset) and hasattr(train, "__len__") \
+            and not isinstance(train, torch.utils.data.IterableDataset):
+        kind = "dataset"
+        if len(train) == 0:
+            raise DataError("train data is an empty Dataset")
+    else:
+        kind = "loader"
+        if isinstance(train, (str, bytes)) or not hasattr(train, "__iter__"):
+            raise DataError(f"train data of type {type(train).__name__} is not data hawq can "
+                            "read: give tensors, an (inputs, labels) pair, a dict of tensors, a "
+                            "Dataset or a DataLoader")
+        if isinstance(train, Iterator):
+            raise ConfigError("train data is a one-shot iterator (a generator?): fine-tuning "
+                              "reads it once per epoch and for calibration; give a DataLoader "
+                              "or a list of batches")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     names = list(quantizable_layers(model))
-    calib_x = x[:cfg.calib_samples].to(device)
+    source = whole if kind == "whole" else train
+    calib = [batch_to(b, device) for b in
+             iter_batches(source, cfg.batch_size, "train data", limit=cfg.calib_samples)]
+    soft = has_soft_targets(task)
     teacher = None
-    if cfg.distill > 0:
+    if cfg.distill > 0 and soft:
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    elif cfg.distill > 0:
+        log.warning("distill=%s ignored: task %r has no logits to distil (soft targets); "
+                    "training on its plain loss", cfg.distill, task.name)
 
     # the stage order is computed on the float model, before any quantization
     if cfg.staged:
-        ordered, _ = staged_order(model, plan, (x, y), names, blocks, seed=cfg.seed,
-                                  config=quant, progress=False)
+        ordered, _ = staged_order(model, plan, source, names, blocks, seed=cfg.seed,
+                                  config=quant, progress=False, task=task)
         stages = _merge(ordered, cfg.stages)
     else:
         stages = [names]
-    pairs = conv_bn_pairs(model, calib_x[:2]) if cfg.bn_fold_at is not None else []
+    pairs = conv_bn_pairs(model, split_batch(calib[0], 2)[0], task) \
+        if cfg.bn_fold_at is not None else []
 
-    n = len(x)
-    full_steps = max(1, n // cfg.batch_size)  # drop the last partial batch
+    if kind == "loader":
+        try:
+            full_steps = len(train)
+        except TypeError:
+            full_steps = None
+        if full_steps is None and cfg.steps_per_epoch is None:
+            raise ConfigError("train data has no len() (an iterable DataLoader?): give "
+                              "FinetuneConfig(steps_per_epoch=...) so the schedule knows the "
+                              "epoch length")
+        full_steps = max(1, full_steps if full_steps is not None else cfg.steps_per_epoch)
+        n = None
+    else:
+        n = batch_len(whole) if kind == "whole" else len(train)
+        full_steps = max(1, n // cfg.batch_size)  # drop the last partial batch
     steps_per_epoch = min(full_steps, cfg.steps_per_epoch or full_steps)
     total = steps_per_epoch * int(cfg.epochs)
     stage_len = total / len(stages)
@@ -388,8 +617,14 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
     def stage_of(step: int) -> int:
         return min(len(stages) - 1, int(step // stage_len)) if stage_len > 0 else 0
 
-    augment = cfg.augment == "cifar" or (cfg.augment == "auto" and x.dim() == 4
-                                         and tuple(x.shape[1:]) == (3, 32, 32))
+    images = kind == "whole" and isinstance(task, ClassificationTask) \
+        and isinstance(whole, tuple) and torch.is_tensor(whole[0]) and whole[0].dim() == 4
+    if cfg.augment == "cifar" and not images:
+        raise ConfigError("augment='cifar' crops and flips images: it needs the classification "
+                          "task on in-memory (N, C, H, W) inputs with labels; use "
+                          "augment='none' (augment a DataLoader in its dataset)")
+    augment = images and (cfg.augment == "cifar" or (
+        cfg.augment == "auto" and tuple(whole[0].shape[1:]) == (3, 32, 32)))
     ema_hook = _EMARange(cfg.ema)
     hooks: list[Any] = []
     fold_scales: dict[str, torch.Tensor] = {}    # s per folded layer, kept for the preconditioner
@@ -436,6 +671,22 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
                                weight_decay=cfg.weight_decay)
 
     gen = torch.Generator().manual_seed(cfg.seed)
+
+    def epoch_batches():
+        """This epoch's training batches (on their source device)."""
+        if kind == "loader":
+            for k, b in enumerate(iter_batches(train, cfg.batch_size, "train data")):
+                if k >= steps_per_epoch:
+                    return
+                yield b
+            return
+        perm = torch.randperm(n, generator=gen)[:steps_per_epoch * cfg.batch_size]
+        for idx in perm.split(cfg.batch_size):
+            if kind == "whole":
+                yield _take(whole, idx, n)
+            else:
+                yield torch.utils.data.default_collate([train[int(i)] for i in idx])
+
     result = FinetuneResult(config=asdict(cfg), stages=stages)
     start_epoch, step, stage, folded = 0, 0, 0, False
     if resume and ckpt_path is not None and ckpt_path.exists():
@@ -459,23 +710,22 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
         result.resumed_from_epoch = start_epoch
     else:
         build(0, False)
-        _calibrate(model, stages[0], calib_x, cfg.batch_size)
+        _calibrate(model, stages[0], calib, task)
         opt = make_opt()
 
+    metric_key = f"train_{task.metric}"
     try:
         for epoch in range(start_epoch, int(cfg.epochs)):
             model.train()
-            perm = torch.randperm(n, generator=gen)[:steps_per_epoch * cfg.batch_size]
-            bar = tqdm(perm.split(cfg.batch_size), total=steps_per_epoch,
+            bar = tqdm(epoch_batches(), total=steps_per_epoch,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-            loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-            for idx in bar:
-                idx = idx.to(x.device)
+            loss_sum, m_sum, m_count, seen, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+            for batch in bar:
                 want = stage_of(step)
                 if want != stage:  # next HAWQ-V1 stage: quantize its blocks, calibrate them
                     stage = want
                     build(stage, folded)
-                    _calibrate(model, stages[stage], calib_x, cfg.batch_size)
+                    _calibrate(model, stages[stage], calib, task)
                     opt = make_opt()
                 if fold_step is not None and not folded and step >= fold_step:
                     model.eval()
@@ -485,19 +735,22 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
                     result.folded = [list(p) for p in pairs]
                     opt = make_opt()
                     model.train()
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                batch = batch_to(batch, device)
                 if augment:
-                    xb = augment_cifar(xb, gen)
+                    batch = (augment_cifar(batch[0], gen), *batch[1:])
                 lr = lr_at(cfg, step, total) * (cfg.fold_lr_scale if folded else 1.0)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
+                out = task.forward(model, batch)
+                loss = task.loss(out, batch)
                 if teacher is not None:
                     with torch.no_grad():
-                        t_out = teacher(xb)
-                    loss = (1 - cfg.distill) * loss + cfg.distill * _kd_loss(out, t_out,
+                        t_out = task.forward(teacher, batch)
+                    loss = (1 - cfg.distill) * loss + cfg.distill * _kd_term(out, t_out, batch,
                                                                              cfg.temperature)
+                if not torch.is_tensor(loss) or loss.dim() != 0:
+                    raise ConfigError(f"task {task.name!r}: the loss must be a scalar tensor, "
+                                      f"got {getattr(loss, 'shape', type(loss).__name__)}")
                 if not torch.isfinite(loss):
                     raise NumericalError(f"loss is {float(loss.detach())} at epoch {epoch + 1}, step "
                                          f"{step}: lower lr (now {lr:g})")
@@ -508,17 +761,21 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
                         p_.grad.mul_(s2)
                 opt.step()
                 step += 1
-                loss_sum += float(loss.detach()) * len(yb)
-                correct += int((out.argmax(1) == yb).sum())
-                seen += len(yb)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                nb = batch_len(batch)
+                loss_sum += float(loss.detach()) * nb
+                with torch.no_grad():
+                    ms, mc = task.metric_sums(out, batch)
+                m_sum, m_count, seen = m_sum + float(ms), m_count + int(mc), seen + nb
+                bar.set_postfix({"loss": f"{loss_sum / seen:.3f}",
+                                 task.metric: f"{task.finish_metric(m_sum, m_count):.3f}"})
             row = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, seen),
-                   "train_accuracy": correct / max(1, seen), "lr": lr_at(cfg, step, total),
+                   metric_key: task.finish_metric(m_sum, m_count),
+                   "lr": lr_at(cfg, step, total),
                    "stage": stage, "folded": folded, "seconds": time.perf_counter() - t0}
             if eval_data is not None:
                 from hawq.evaluate import evaluate
 
-                row["eval_accuracy"] = evaluate(model, eval_data).accuracy
+                row[f"eval_{task.metric}"] = evaluate(model, eval_data, task=task).value
             result.history.append(row)
             if ckpt_path is not None:
                 buf = io.BytesIO()
@@ -534,7 +791,7 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
             if stage != len(stages) - 1:
                 stage = len(stages) - 1
                 build(stage, folded)
-                _calibrate(model, stages[stage], calib_x, cfg.batch_size)
+                _calibrate(model, stages[stage], calib, task)
             if fold_step is not None and not folded:
                 model.eval()
                 fold_scales.update(bn_scales(model, pairs))

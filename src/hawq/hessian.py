@@ -2,8 +2,13 @@
 traces of the loss over a dataset (HAWQ, HAWQ-V2, channel-wise HAWQ); the exact empirical-Fisher
 trace lives in :mod:`hawq.fisher` and stochastic Lanczos quadrature in :mod:`hawq.hessian_density`.
 
-Cost model. ``data`` is split into C chunks (one per batch, or ``batch_size`` pieces of a tensor
-pair). For each chunk the gradient is computed once with ``create_graph=True`` (one forward plus
+Loss. Each chunk's loss is the task's (:mod:`hawq.tasks`; default ``classification``, i.e.
+cross-entropy on (x, y) pairs): ``task.loss(task.forward(model, batch), batch)``, a mean over the
+chunk's samples; chunks are weighted by their number of samples, so the Hessian is that of the
+mean loss over the data. A ``criterion`` (output, target) -> loss is a classifier-fed custom task.
+
+Cost model. ``data`` is split into C chunks (one per DataLoader batch, or ``batch_size`` pieces of
+in-memory tensors, pairs or dicts; one chunk by default). For each chunk the gradient is computed once with ``create_graph=True`` (one forward plus
 one graph-building backward: a *pass*) and that graph is reused for every Hessian-vector product
 (HVP), each one double-backward. With one chunk that is the floor: 1 pass + 1 double-backward per
 product. With several chunks the graphs are kept while their measured size (saved tensors) fits in
@@ -42,11 +47,21 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from hawq.attention import attention_safe
 from hawq.errors import ConfigError, DataError, NumericalError, UnsupportedLayerError
+from hawq.qmodules import layer_weight
+from hawq.tasks import (Task, as_task, batch_len, batch_to, materialize,
+                        resolve_task)
+
+__all__ = ["DEFAULT_TYPES", "HessianOperator", "HessianResult", "LayerHessian", "METRICS",
+           "PROBE_MODES", "TraceEstimate", "analyze", "as_batches", "check_int",
+           "check_probe_mode", "data_chunks", "grad_setup", "hutchinson", "power_iteration",
+           "select_layers"]
 
 METRICS = ("trace", "eigen", "channel", "activation", "fisher")
 DEFAULT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-Batch = tuple[torch.Tensor, Any]
+Batch = Any  # any batch structure hawq.tasks reads: tensors, (x, y) pairs, dicts of tensors
+_WHOLE = 2**62  # batch_size that keeps a whole in-memory dataset as one chunk
 
 
 @dataclass
@@ -122,7 +137,7 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None
     from hawq.qmodules import is_quantizable
 
     weighted = {n: m for n, m in model.named_modules()
-                if n and isinstance(getattr(m, "weight", None), nn.Parameter)}
+                if n and isinstance(layer_weight(m), nn.Parameter)}
     if layers is None:
         out = [(n, m) for n, m in weighted.items()
                if isinstance(m, DEFAULT_TYPES) or is_quantizable(m)]
@@ -139,46 +154,31 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None
     return [(n, weighted[n]) for n in layers]
 
 
-def as_batches(data: Any, batch_size: int | None = None) -> list[Batch]:
-    """``data`` as a list of (inputs, targets) chunks: a tensor pair or TensorDataset (split by
-    ``batch_size`` when given) or any iterable of (x, y) batches (held in memory)."""
+def data_chunks(data: Any, batch_size: int | None = None, task: Task | None = None,
+                who: str = "data") -> list[Batch]:
+    """``data`` as a list of chunks (batches) in memory, read by :func:`hawq.tasks.materialize`
+    (tensors, ``(x, y)`` pairs, TensorDatasets, dicts of tensors, Datasets, DataLoaders).
+
+    ``batch_size`` splits in-memory data (tensors, pairs, dicts, TensorDatasets) into pieces and
+    sets a Dataset's loader batch; a DataLoader's (or other iterable's) batches are kept as they
+    come. ``None``: in-memory data is one chunk, a map-style Dataset is read in batches of the
+    task's ``batch_size``. Returns the batches; raises :class:`DataError` when there are no
+    samples. Cost: holds every batch (slices of tensors are views)."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ConfigError(f"batch_size={batch_size!r}: give a positive integer or None")
-    if isinstance(data, torch.utils.data.TensorDataset):
-        data = tuple(data.tensors[:2])
-    if (isinstance(data, (tuple, list)) and len(data) == 2
-            and all(isinstance(t, torch.Tensor) for t in data)):
-        if len(data[0]) != len(data[1]):
-            raise ConfigError(f"data: {len(data[0])} inputs but {len(data[1])} targets")
-        batches = [(data[0], data[1])]
-    else:
-        try:
-            items = list(data)
-        except TypeError as exc:
-            raise ConfigError(f"data of type {type(data).__name__}: give (inputs, targets) "
-                              "tensors or an iterable of (x, y) batches such as a DataLoader"
-                              ) from exc
-        batches = []
-        for i, b in enumerate(items):
-            if not (isinstance(b, (tuple, list)) and len(b) >= 2 and isinstance(b[0], torch.Tensor)):
-                raise ConfigError(f"data batch {i} is a {type(b).__name__}: each batch must be an "
-                                  "(inputs, targets) pair")
-            batches.append((b[0], b[1]))
-    if batch_size is not None:
-        batches = [pair for x, y in batches for pair in zip(x.split(batch_size), y.split(batch_size))]
-    batches = [b for b in batches if b[0].shape[0] > 0]
-    if not batches:
-        raise DataError("data holds no samples: give at least one (inputs, targets) batch")
-    return batches
+    if batch_size is None:
+        dataset = (isinstance(data, torch.utils.data.Dataset)
+                   and not isinstance(data, (torch.utils.data.TensorDataset,
+                                             torch.utils.data.IterableDataset)))
+        batch_size = (task or as_task(None)).batch_size if dataset else _WHOLE
+    return materialize(data, batch_size, who)
 
 
-def _reduction(criterion: Callable) -> str:
-    red = getattr(criterion, "reduction", "mean")
-    if red not in ("mean", "sum"):
-        raise ConfigError(f"criterion reduction={red!r}: use reduction='mean' (or 'sum') so each "
-                          "batch gives a scalar loss")
-    return red
+def as_batches(data: Any, batch_size: int | None = None) -> list[Batch]:
+    """Compatibility name of :func:`data_chunks` (default task): the chunks of ``data``, e.g.
+    ``(inputs, targets)`` pairs for tensor pairs."""
+    return data_chunks(data, batch_size)
 
 
 def _free_bytes(device: torch.device) -> float:
@@ -289,23 +289,29 @@ class HessianOperator:
     """Hessian-vector products of the loss over ``batches`` w.r.t. the weights of ``mods``
     (``target="weights"``: Hessian of the mean loss over all samples) or w.r.t. each layer's
     input activation (``"activations"``: Hessian of the summed loss; block-diagonal over
-    samples). Builds chunk 0 on construction; see the module docstring for the caching rule."""
+    samples). Each chunk's loss is ``task.loss(task.forward(model, batch), batch)`` on the batch
+    moved to the weights' device (``criterion`` instead: ``criterion(output, targets)``; a
+    :class:`~hawq.tasks.Task` given as ``criterion`` is used as the task); chunks are weighted
+    by their number of samples. Builds chunk 0 on construction; see the module docstring for
+    the caching rule."""
 
     def __init__(self, model: nn.Module, mods: list[tuple[str, nn.Module]], batches: list[Batch],
-                 criterion: Callable, target: str = "weights",
-                 max_graph_bytes: float | None = None):
+                 criterion: Callable | Task | None = None, target: str = "weights",
+                 max_graph_bytes: float | None = None, task: Task | str | None = None):
+        if isinstance(criterion, Task):
+            task, criterion = (criterion, None) if task is None else (task, criterion)
+        self.task, summed = resolve_task(task, criterion, model)
         self.model, self.mods, self.batches, self.criterion = model, mods, batches, criterion
         self.names = [n for n, _ in mods]
-        self.params = [m.weight for _, m in mods]
+        self.params = [layer_weight(m) for _, m in mods]
         self.activations = target == "activations"
         self.device = self.params[0].device
-        n = [b[0].shape[0] for b in batches]
+        n = [batch_len(b) for b in batches]
         self.samples = sum(n)
-        red = _reduction(criterion)
         if self.activations:  # the summed loss: scale a batch mean back to a sum
-            self.scale = [float(k) if red == "mean" else 1.0 for k in n]
+            self.scale = [1.0 if summed else float(k) for k in n]
         else:  # the mean loss over all samples
-            self.scale = [k / self.samples if red == "mean" else 1.0 / self.samples for k in n]
+            self.scale = [1.0 / self.samples if summed else k / self.samples for k in n]
         self.act_elems = np.zeros(len(mods), dtype=np.int64)
         self._counted: set[int] = set()
         self.hvp_count = 0
@@ -329,9 +335,7 @@ class HessianOperator:
             self.cache[0] = first
 
     def _build(self, k: int, inspect: bool = False, counter: _SavedBytes | None = None) -> _Graph:
-        x, y = self.batches[k]
-        x = x.to(self.device)
-        y = y.to(self.device) if isinstance(y, torch.Tensor) else y
+        batch = batch_to(self.batches[k], self.device)
         deltas: list[torch.Tensor] = []
         owner: list[int] = []
         handles = []
@@ -342,11 +346,15 @@ class HessianOperator:
         saving = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
                   if counter is not None else contextlib.nullcontext())
         try:
-            with torch.enable_grad(), saving:
-                loss = self.criterion(self.model(x), y)
-                if loss.dim() != 0:
-                    raise ConfigError(f"criterion returned shape {tuple(loss.shape)}: it must "
-                                      "return a scalar (reduction='mean' or 'sum')")
+            with torch.enable_grad(), saving, attention_safe(self.model):  # math SDPA
+                loss = self.task.loss(self.task.forward(self.model, batch), batch)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    what = ("criterion" if self.criterion is not None
+                            else f"task {self.task.name!r}")
+                    got = (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                           else type(loss).__name__)
+                    raise ConfigError(f"{what} returned {got}: it must return a scalar loss "
+                                      "(reduction='mean' or 'sum')")
                 if not bool(torch.isfinite(loss)):
                     raise NumericalError(f"loss is {loss.item()} at batch {k}: check that batch "
                                          "for NaN/inf inputs and the model for diverged weights")
@@ -387,7 +395,8 @@ class HessianOperator:
             d = torch.zeros_like(a, requires_grad=True)  # H w.r.t. d at 0 == H w.r.t. a
             deltas.append(d)
             owner.append(i)
-            return (a + d, *inputs[1:])
+            b = a + d  # a tensor given twice (self-attention q, k, v) is perturbed once
+            return (b, *(b if t is a else t for t in inputs[1:]))
         return hook
 
     def _unsupported(self, what: str, where: str | None = None) -> None:
@@ -593,7 +602,7 @@ def power_iteration(op: HessianOperator, i: int, gen: torch.Generator, k: int = 
 
 
 @contextlib.contextmanager
-def _grad_setup(model: nn.Module, need: list[torch.Tensor], freeze_rest: bool) -> Iterator[None]:
+def grad_setup(model: nn.Module, need: list[torch.Tensor], freeze_rest: bool) -> Iterator[None]:
     """Eval mode and requires_grad on ``need`` (others off if ``freeze_rest``); restored after."""
     was_training = model.training
     saved = [(p, p.requires_grad) for p in model.parameters()]
@@ -611,7 +620,7 @@ def _grad_setup(model: nn.Module, need: list[torch.Tensor], freeze_rest: bool) -
         model.train(was_training)
 
 
-def _check_int(name: str, value: Any, lo: int) -> int:
+def check_int(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ConfigError(f"{name}={value!r}: give an integer >= {lo}")
     return value
@@ -632,13 +641,22 @@ def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
             tol: float | None = None, max_probes: int = 200, min_probes: int = 4,
             top_k: int = 1, max_iter: int = 100, batch_size: int | None = None,
             probe_batch: int = 1, vectorized: bool = False, probe_mode: str = "joint",
-            max_graph_bytes: float | None = None, progress: bool = False) -> HessianResult:
+            max_graph_bytes: float | None = None, progress: bool = False,
+            task: Task | str | Callable | None = None) -> HessianResult:
     """Per-layer second-order sensitivity of ``model`` on ``data``; returns a HessianResult.
 
-    ``data``: (inputs, targets) tensors, a TensorDataset, or an iterable of (x, y) batches;
-    ``criterion`` (default cross-entropy, reduction 'mean' or 'sum'); the model runs in eval mode
-    (restored after). ``layers``: module names (default every Conv/Linear weight). Same ``seed``
-    gives identical results (a private torch.Generator; the global RNG is untouched).
+    ``data``: anything :func:`hawq.tasks.materialize` reads (tensors, (inputs, targets) pairs, a
+    TensorDataset, dicts of tensors, a Dataset, a DataLoader); ``batch_size`` splits in-memory
+    data into chunks (default: one chunk) and keeps a DataLoader's batches. ``task`` (a
+    :class:`hawq.tasks.Task`, a registered name or a loss callable; default
+    ``"classification"``) says how a batch is fed and gives its mean loss, whose Hessian is
+    measured; an unbound ``embedding`` task is bound to ``model`` (its Hessian at the float
+    weights is the Gauss-Newton matrix 2 J^T J / N of the output). ``criterion`` (output,
+    target) -> loss, reduction 'mean' or 'sum', is the older way to give a classifier's loss;
+    giving both raises :class:`ConfigError`. Data the task cannot use raises :class:`DataError`
+    naming the task (checked on two samples first). The model runs in eval mode (restored
+    after). ``layers``: module names (default every Conv/Linear weight). Same ``seed`` gives
+    identical results (a private torch.Generator; the global RNG is untouched).
     Metrics and costs (P probes, C chunks; "pass" = forward + graph-building backward of a chunk):
 
     * ``"trace"``: Hutchinson Tr(H_ii) of the mean loss per layer, with stderr and avg_trace =
@@ -651,10 +669,13 @@ def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
     * ``"eigen"``: top-``top_k`` eigenvalues (largest magnitude) of each H_ii by power iteration
       (``tol`` default 1e-3 relative, ``max_iter``); one block HVP per layer per iteration.
     * ``"activation"``: Hutchinson trace of the Hessian of the *summed* per-sample loss w.r.t.
-      each layer's input (block-diagonal over samples, so it is the sum over data points);
-      params = activation elements; same probe rule and cost as ``"trace"``.
+      each layer's input (block-diagonal over samples, so it is the sum over data points; with a
+      task, a chunk's summed loss is its mean loss times its number of samples); params =
+      activation elements; same probe rule and cost as ``"trace"``.
     * ``"fisher"``: exact empirical-Fisher trace mean_s ||grad_W_i loss_s||^2 from per-sample
-      gradients (:mod:`hawq.fisher`): no probes or HVPs, one vmapped pass over the data.
+      gradients (:mod:`hawq.fisher`): no probes or HVPs, one vmapped pass over the data. Not
+      for the ``embedding`` task (its per-sample gradients at the float weights are zero;
+      :class:`ConfigError` says to use ``"trace"``).
 
     ``probe_mode`` (trace/channel/activation): ``"joint"`` (default) probes all layers with one
     HVP; layer i's sample v_i.(Hv)_i then has variance 2 sum_{a!=b} (H_ii)_ab^2 (Hutchinson's
@@ -676,32 +697,38 @@ def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
     for name, value, lo in (("max_probes", max_probes, 1), ("min_probes", min_probes, 1),
                             ("top_k", top_k, 1), ("max_iter", max_iter, 1),
                             ("probe_batch", probe_batch, 1), ("seed", seed, 0)):
-        _check_int(name, value, lo)
+        check_int(name, value, lo)
     check_probe_mode(probe_mode)
     if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
         raise ConfigError(f"tol={tol!r}: give a number >= 0 (0 disables early stopping)")
     tol = (1e-3 if metric == "eigen" else 1e-2) if tol is None else float(tol)
-    criterion = criterion or nn.CrossEntropyLoss()
+    task, _ = resolve_task(task, criterion, model)
+    if metric == "fisher":
+        from hawq.fisher import check_fisher_task
+
+        check_fisher_task(task)
     mods = select_layers(model, layers)
     names = [n for n, _ in mods]
-    params = [m.weight for _, m in mods]
-    batches = as_batches(data, batch_size)
+    params = [layer_weight(m) for _, m in mods]
+    batches = data_chunks(data, batch_size, task)
+    task.check(model, iter(batches))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     result = HessianResult(metric=metric)
     if metric == "fisher":
         from hawq.fisher import fisher_traces
 
-        with _grad_setup(model, params, False):
-            tr = fisher_traces(model, mods, batches, criterion)
+        with grad_setup(model, params, False), attention_safe(model):
+            tr = fisher_traces(model, mods, batches, task=task)
         result.layers = [LayerHessian(n, p.numel(), float(t), float(t) / p.numel())
                          for n, p, t in zip(names, params, tr)]
-        result.samples, result.passes = sum(b[0].shape[0] for b in batches), 1
+        result.samples, result.passes = sum(batch_len(b) for b in batches), 1
         result.seconds = time.perf_counter() - t0
         return result
     target = "activations" if metric == "activation" else "weights"
-    with _grad_setup(model, [] if target == "activations" else params, target == "activations"):
-        op = HessianOperator(model, mods, batches, criterion, target, max_graph_bytes)
+    with grad_setup(model, [] if target == "activations" else params, target == "activations"):
+        op = HessianOperator(model, mods, batches, criterion, target, max_graph_bytes,
+                             task=None if criterion is not None else task)
         if metric == "eigen":
             vals = []
             for i in tqdm(range(len(mods)), desc="power iteration", disable=not progress,

@@ -22,7 +22,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from hawq.errors import NumericalError
-from hawq.hessian import HessianOperator, _check_int, _grad_setup, as_batches, select_layers
+from hawq.hessian import (HessianOperator, check_int, grad_setup, data_chunks, resolve_task,
+                          select_layers)
+from hawq.qmodules import layer_weight
+from hawq.tasks import Task
+
+__all__ = ["SpectralDensity", "lanczos", "spectral_density"]
 
 
 @dataclass
@@ -91,25 +96,30 @@ def spectral_density(model: nn.Module, data: Any, criterion: Callable | None = N
                      layers: Sequence[str] | None = None, n_steps: int = 50,
                      n_vectors: int = 1, seed: int = 0, batch_size: int | None = None,
                      max_graph_bytes: float | None = None,
-                     progress: bool = False) -> SpectralDensity:
+                     progress: bool = False,
+                     task: Task | str | Callable | None = None) -> SpectralDensity:
     """SLQ spectral density of the Hessian of the mean loss w.r.t. the selected weights jointly
-    (``layers`` as in :func:`hawq.hessian.analyze`). Returns a :class:`SpectralDensity`.
+    (``data``, ``batch_size``, ``task``, ``criterion`` and ``layers`` as in
+    :func:`hawq.hessian.analyze`: the task, default ``classification``, gives each chunk's
+    loss). Returns a :class:`SpectralDensity`.
     Cost: n_vectors * min(n_steps, dim) HVPs (each one double-backward per chunk) after one
     graph-building pass per chunk; memory n_steps * dim float64 for the Lanczos basis."""
-    _check_int("n_steps", n_steps, 1)
-    _check_int("n_vectors", n_vectors, 1)
-    _check_int("seed", seed, 0)
-    criterion = criterion or nn.CrossEntropyLoss()
+    check_int("n_steps", n_steps, 1)
+    check_int("n_vectors", n_vectors, 1)
+    check_int("seed", seed, 0)
+    task, _ = resolve_task(task, criterion, model)
     mods = select_layers(model, layers)
-    params = [m.weight for _, m in mods]
+    params = [layer_weight(m) for _, m in mods]
     sizes = [p.numel() for p in params]
     dim = sum(sizes)
-    batches = as_batches(data, batch_size)
+    batches = data_chunks(data, batch_size, task)
+    task.check(model, iter(batches))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     nodes, weights = [], []
-    with _grad_setup(model, params, False):
-        op = HessianOperator(model, mods, batches, criterion, "weights", max_graph_bytes)
+    with grad_setup(model, params, False):
+        op = HessianOperator(model, mods, batches, criterion, "weights", max_graph_bytes,
+                             task=None if criterion is not None else task)
         dtype, device = params[0].dtype, params[0].device
 
         def matvec(v: torch.Tensor) -> torch.Tensor:

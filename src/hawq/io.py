@@ -10,6 +10,8 @@ from typing import Any
 
 from hawq.errors import DataError
 
+__all__ = ["atomic_write_bytes", "atomic_write_text", "read_json", "write_json"]
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place."""

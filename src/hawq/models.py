@@ -1,13 +1,16 @@
 """Models: CIFAR-10 ResNet-20/32/44/56 (He et al. 2016, option A) and a built-in digits CNN.
 
-Models are named by the registry (``resnet20`` ... ``resnet56``, ``digits-cnn``) or by
-``package.module:factory`` for a user's own model (the factory is called with no arguments).
+Models are named by the registry :data:`MODELS` (``resnet20`` ... ``resnet56``, ``digits-cnn``;
+add one with :func:`register_model`) or by ``package.module:factory`` /
+``path/to/file.py:factory`` for a user's own model (the factory is called with no arguments).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hawq.errors import ConfigError, DataError
+from hawq.registry import Registry
+
+__all__ = ["MODELS", "REGISTRY", "BasicBlock", "CifarResNet", "DigitsCNN", "ModelSpec",
+           "build_model", "get_spec", "register_model", "train_digits_cnn"]
 
 
 class BasicBlock(nn.Module):
@@ -91,19 +98,21 @@ def train_digits_cnn(seed: int = 0, epochs: int = 8) -> DigitsCNN:
     Cost: about 2-4 s on 2 CPU cores (``epochs`` passes over 1,347 images). Returns it in eval mode.
     """
     from hawq.data import load_digits
+    from hawq.tasks import as_task
 
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = DigitsCNN()
     x, y = load_digits("train", seed=0).tensors
+    task = as_task("classification")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(y), generator=gen)
         for idx in perm.split(64):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            task.loss_on(model, (x[idx], y[idx])).backward()
             opt.step()
     return model.eval()
 
@@ -113,7 +122,7 @@ class ModelSpec:
     """A named model: how to build it, which dataset it is evaluated on, its input shape."""
 
     name: str
-    dataset: str  # "cifar10" or "digits"
+    dataset: str | None  # "cifar10" or "digits"; None: no built-in dataset (your model)
     input_shape: tuple[int, ...]  # per sample, e.g. (3, 32, 32)
     build: Callable[..., nn.Module]
 
@@ -134,32 +143,79 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
+@functools.lru_cache(maxsize=2)
+def _digits_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The trained digits CNN's weights, trained once per process (training is deterministic,
+    so every later build is the same model without the 2-4 s of training)."""
+    return {k: v.detach().clone() for k, v in train_digits_cnn(seed).state_dict().items()}
+
+
 def _digits(pretrained: bool = True, data_dir: str | os.PathLike | None = None) -> nn.Module:
-    return train_digits_cnn() if pretrained else DigitsCNN().eval()
+    if not pretrained:
+        return DigitsCNN().eval()
+    with torch.random.fork_rng():
+        model = DigitsCNN()
+    model.load_state_dict(_digits_weights(0))
+    return model.eval()
 
 
-REGISTRY: dict[str, ModelSpec] = {
-    **{f"resnet{d}": ModelSpec(f"resnet{d}", "cifar10", (3, 32, 32), _resnet(d))
-       for d in (20, 32, 44, 56)},
-    "digits-cnn": ModelSpec("digits-cnn", "digits", (1, 8, 8), _digits),
-}
+#: Built-in models: name -> :class:`ModelSpec`; add one with :func:`register_model`.
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Register ``spec`` under ``spec.name`` (then ``--model NAME`` and :func:`build_model`
+    accept it); returns it. Registering a different spec under a taken name raises ConfigError."""
+    return MODELS.register(spec.name, spec)
+
+
+for _d in (20, 32, 44, 56):
+    register_model(ModelSpec(f"resnet{_d}", "cifar10", (3, 32, 32), _resnet(_d)))
+register_model(ModelSpec("digits-cnn", "digits", (1, 8, 8), _digits))
+
+#: The old name of :data:`MODELS` (iterate it or test ``name in REGISTRY``).
+REGISTRY = MODELS
+
+
+def _user_spec(name: str) -> ModelSpec:
+    """Spec of ``package.module:factory`` (imported with the current folder on ``sys.path``).
+    The CLI reads richer factories (``(model, task, data)``, dicts) with :mod:`hawq.loading`."""
+    mod_name, _, attr = name.rpartition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model {name!r}: cannot import {attr!r} from {mod_name!r} ({exc}); "
+                          "give 'package.module:factory' importable from the current folder")
+    shape = tuple(getattr(factory, "input_shape", ()))
+    dataset = getattr(factory, "dataset", None)
+
+    def build(pretrained: bool = True, data_dir: str | os.PathLike | None = None) -> nn.Module:
+        try:
+            model = factory() if callable(factory) and not isinstance(factory, nn.Module) \
+                else factory
+        except Exception as e:
+            raise ConfigError(f"model {name!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model {name!r} returned a {type(model).__name__}: return an "
+                              "nn.Module")
+        return model
+
+    return ModelSpec(name, dataset, shape, build)
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Return the :class:`ModelSpec` for a registry name or ``module:factory`` path."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if ":" in name:
-        mod_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"model {name!r}: cannot import {attr!r} from {mod_name!r} ({exc}); "
-                              "give 'package.module:factory' importable from here") from exc
-        shape = tuple(getattr(factory, "input_shape", ()))
-        dataset = getattr(factory, "dataset", "cifar10")
-        return ModelSpec(name, dataset, shape, lambda pretrained=True, data_dir=None: factory())
-    raise ConfigError(f"unknown model {name!r}: use one of {sorted(REGISTRY)} or "
+    """The :class:`ModelSpec` of a built-in name (:data:`MODELS`) or of your
+    ``package.module:factory`` / ``path/to/file.py:factory`` (imported with the current folder on
+    ``sys.path``, not yet called; its ``input_shape``/``dataset`` attributes, when set, fill the
+    spec; ``dataset`` is None otherwise). Raises :class:`ConfigError` listing the built-in names
+    for an unknown name, or saying what to do when the factory cannot be imported."""
+    if name in MODELS:
+        return MODELS.get(name)
+    if isinstance(name, str) and ":" in name:
+        return _user_spec(name)
+    raise ConfigError(f"unknown model {name!r}: use one of {MODELS.names()} or "
                       "'package.module:factory' for your own model")
 
 
@@ -168,6 +224,7 @@ def build_model(name: str, pretrained: bool = True,
     """Build a model by name, with pretrained weights when available, in eval mode.
 
     ``resnetNN`` loads ``<data_dir>/resnetNN_cifar10.pt``; ``digits-cnn`` trains in a few
-    seconds; ``module:factory`` calls your factory.
+    seconds; ``module:factory`` calls your factory (an ``nn.Module`` or a dict/tuple holding
+    one, see :func:`hawq.loading.unpack_setup`).
     """
     return get_spec(name).build(pretrained=pretrained, data_dir=data_dir).eval()

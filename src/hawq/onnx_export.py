@@ -40,6 +40,8 @@ from hawq.io import atomic_write_bytes
 from hawq.qmodules import QuantMixin
 from hawq.quantizers import fake_quantize, quantize
 
+__all__ = ["EXPORTER", "OPSET", "OnnxExportResult", "UINT4_ACTIVATIONS", "export_onnx", "run_onnx"]
+
 EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript exporter), opset 20; opset 21 when INT4"
 OPSET = 20
 #: Quantize 4-bit activations to UINT4? Off: onnxruntime (1.32) fails to build a session when a

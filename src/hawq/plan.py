@@ -14,7 +14,12 @@ from typing import Any
 
 from hawq.errors import ConfigError
 from hawq.io import atomic_write_text
-from hawq.quantizers import check_bits, check_channel_bits
+from hawq.quantizers import W_CLIPS, check_bits, check_channel_bits
+
+__all__ = ["A_CALIBRATIONS", "BitPlan", "LayerSpec", "PLAN_VERSION", "QuantConfig"]
+
+#: Activation range calibrations of :class:`QuantConfig` (``a_calibration``).
+A_CALIBRATIONS = ("minmax", "percentile")
 
 PLAN_VERSION = 1
 
@@ -63,7 +68,8 @@ class QuantConfig:
     """How layers are quantized (independent of how many bits they get).
 
     * ``w_symmetric``/``w_per_channel``: weight quantizer form (default symmetric per-channel).
-    * ``w_clip``: ``"minmax"`` or ``"mse"`` (MSE-optimal clipping search, best at 2-4 bits).
+    * ``w_clip``: a :data:`hawq.quantizers.W_CLIPS` name: ``"minmax"`` or ``"mse"`` (MSE-optimal
+      clipping search, best at 2-4 bits).
     * ``a_calibration``: ``"minmax"`` or ``"percentile"`` (``a_percentile`` of |x|, per batch,
       averaged over calibration batches).
     * ``learn_steps``: LSQ: the weight step (per channel) and activation step become trainable
@@ -79,10 +85,10 @@ class QuantConfig:
     learn_steps: bool = False
 
     def __post_init__(self) -> None:
-        if self.w_clip not in ("minmax", "mse"):
-            raise ConfigError(f"w_clip={self.w_clip!r}: use 'minmax' or 'mse'")
-        if self.a_calibration not in ("minmax", "percentile"):
-            raise ConfigError(f"a_calibration={self.a_calibration!r}: use 'minmax' or 'percentile'")
+        W_CLIPS.check(self.w_clip, "w_clip")
+        if self.a_calibration not in A_CALIBRATIONS:
+            raise ConfigError(f"a_calibration={self.a_calibration!r}: use one of "
+                              f"{list(A_CALIBRATIONS)}")
         if not 50.0 < self.a_percentile <= 100.0:
             raise ConfigError(f"a_percentile={self.a_percentile}: give a value in (50, 100]")
 

@@ -17,6 +17,8 @@ import numpy as np
 from hawq.errors import ConfigError
 from hawq.io import atomic_write_bytes
 
+__all__ = ["plot_distill", "plot_frontier", "plot_layer_bits"]
+
 _UNIT_BITS = {"bits": 1.0, "bytes": 8.0, "KB": 8e3, "MB": 8e6}
 
 
@@ -121,5 +123,26 @@ def plot_layer_bits(names: Sequence[str], sensitivity: Sequence[float], bits: Se
     ax2.set_ylim(0, levels.max() * 1.15)
     ax.legend(loc="upper left", fontsize=8, title="chosen bits")
     ax.set_title(title or "Per-layer sensitivity and bits")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_distill(record: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Plot ZeroQ's distillation loss curve (``record``: :meth:`hawq.distill.DistillResult.to_dict`
+    with ``losses``, ``initial_loss``, ``final_loss``, ``reduction``) to ``path`` (PNG, written
+    atomically); returns the path."""
+    import math
+
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(np.arange(len(record["losses"])), record["losses"], color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("BatchNorm-statistics loss")
+    red = record["reduction"]
+    ax.set_title(f"ZeroQ distillation: {record['initial_loss']:.3g} -> "
+                 f"{record['final_loss']:.3g} ({red:.0f}x)" if math.isfinite(red)
+                 else "ZeroQ distillation")
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

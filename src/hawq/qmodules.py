@@ -1,8 +1,10 @@
-"""Quantized twins of Conv1d/Conv2d/Linear and the activation quantizer.
+"""Quantized twins of Conv1d/Conv2d/Linear/MultiheadAttention and the activation quantizer.
 
 A twin subclasses its float type (so ``isinstance`` and state-dict keys are unchanged), shares
 the float module's parameters, fake-quantizes its weight on every forward (straight-through
 gradient, so it trains) and passes its input through an :class:`ActQuantizer`.
+``nn.MultiheadAttention`` is one layer (its Q/K/V input projection, weight ``in_proj_weight``)
+and its ``out_proj`` another; :func:`layer_weight` gives any layer's quantized weight.
 Supporting a new layer type means one twin class and one :func:`register_twin` call here.
 """
 
@@ -13,11 +15,17 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from hawq.errors import ConfigError
+from hawq.errors import ConfigError, UnsupportedLayerError
 from hawq.plan import LayerSpec, QuantConfig
 from hawq.quantizers import (QParams, check_bits, fake_quantize, is_float, lsq_fake_quantize,
                              mse_clip_ratios, qparams_from_range, weight_qparams)
+
+__all__ = ["TWINS", "ActQuantizer", "QConv1d", "QConv2d", "QLinear", "QMultiheadAttention",
+           "QOutProjLinear", "QuantMixin", "RoutedMultiheadAttention", "is_quantizable",
+           "layer_bias", "layer_weight", "layer_weight_key", "register_twin", "to_float",
+           "to_twin"]
 
 _TINY = torch.finfo(torch.float32).tiny * 2 ** 24
 
@@ -192,6 +200,137 @@ class QLinear(QuantMixin, nn.Linear):
         return F.linear(self.act(x), self.quantized_weight(), self.bias)
 
 
+class QOutProjLinear(QLinear, NonDynamicallyQuantizableLinear):
+    """Twin of ``nn.MultiheadAttention.out_proj`` (a ``NonDynamicallyQuantizableLinear``). A
+    float MultiheadAttention reads ``out_proj.weight`` directly and never calls this module;
+    :class:`QMultiheadAttention` calls it, and :func:`hawq.quantize_` gives a quantized
+    ``out_proj`` a float-bits attention twin when the plan leaves the attention float."""
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight a quantizable layer quantizes, as the Hessian engine and the accounting see it.
+
+    ``module.weight`` for Conv/Linear (and most layers); for ``nn.MultiheadAttention`` (float or
+    twin) its input projection: the packed ``in_proj_weight`` Parameter (3E, E), or with
+    separate projections (kdim/vdim != embed_dim) ``cat([q, k, v]_proj_weight, dim=1)``, an
+    (E, E+kdim+vdim) tensor that is *not* a Parameter (row i holds output channel i of q, k and
+    v), so Hessian analysis cannot target it. Returns None when the module has no weight.
+    Cost: none (one concatenation for separate projections).
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            return module.in_proj_weight
+        return torch.cat([module.q_proj_weight, module.k_proj_weight, module.v_proj_weight], 1)
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def layer_weight_key(module: nn.Module) -> str | None:
+    """The state-dict key (relative to the module) of :func:`layer_weight`: ``"weight"``,
+    ``"in_proj_weight"`` for a packed MultiheadAttention, None when it is no single entry."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "in_proj_weight" if module._qkv_same_embed_dim else None
+    return "weight" if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+
+
+def layer_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias that goes with :func:`layer_weight` (``in_proj_bias`` for MultiheadAttention),
+    or None."""
+    b = getattr(module, "in_proj_bias" if isinstance(module, nn.MultiheadAttention) else "bias",
+                None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
+class RoutedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` that calls its ``out_proj`` as a module.
+
+    The float module reads ``out_proj.weight`` inside ``F.multi_head_attention_forward``, so
+    hooks on ``out_proj`` never fire and a twin there would be bypassed. This forward runs
+    ``F.multi_head_attention_forward`` (all masks, ``need_weights``, ``bias_k``/``bias_v``,
+    ``add_zero_attn`` and dropout as in torch, never the fused fast path) with an identity
+    output projection and then calls ``self.out_proj`` on the result, in the module's own
+    layout (batch first when ``batch_first``). The same function as the float module (the
+    identity matmul is exact for finite values); cost: one extra (E x E) matmul per token.
+    :func:`hawq.attention.attention_safe` switches float attention modules to this class for
+    its block; :class:`QMultiheadAttention` builds on it.
+    """
+
+    def _in_act(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _in_weights(self) -> tuple[torch.Tensor, ...]:
+        """(in_proj_weight,) packed, else (q, k, v) projection weights."""
+        if self._qkv_same_embed_dim:
+            return (self.in_proj_weight,)
+        return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise UnsupportedLayerError(
+                f"{type(self).__name__} got a NestedTensor: pad the batch instead (hawq."
+                "quantize_ turns the nested-tensor fast path of nn.TransformerEncoder off; for "
+                "an encoder built afterwards call hawq.attention.pin_slow_path_(model))")
+        q = self._in_act(query)
+        k = q if key is query else self._in_act(key)
+        v = k if value is key else q if value is query else self._in_act(value)
+        batched = query.dim() == 3
+        if self.batch_first and batched:  # keep the "is" relations, as nn.MultiheadAttention
+            if k is v:
+                if q is k:
+                    q = k = v = q.transpose(1, 0)
+                else:
+                    q, k = q.transpose(1, 0), k.transpose(1, 0)
+                    v = k
+            else:
+                q, k, v = (t.transpose(1, 0) for t in (q, k, v))
+        ws = self._in_weights()
+        E = self.embed_dim
+        eye = torch.eye(E, dtype=ws[0].dtype, device=ws[0].device)
+        w, extra = ws[0], {}
+        if len(ws) == 3:
+            extra = dict(use_separate_proj_weight=True, q_proj_weight=ws[0], k_proj_weight=ws[1],
+                         v_proj_weight=ws[2])
+            w = None
+        out, weights = F.multi_head_attention_forward(
+            q, k, v, E, self.num_heads, w, self.in_proj_bias, self.bias_k, self.bias_v,
+            self.add_zero_attn, self.dropout, eye, None, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal, **extra)
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return self.out_proj(out), weights
+
+
+class QMultiheadAttention(QuantMixin, RoutedMultiheadAttention):
+    """Twin of ``nn.MultiheadAttention``; the layer is the input (Q/K/V) projection.
+
+    Its weight (the ``weight`` property, see :func:`layer_weight`) is the packed
+    ``in_proj_weight``, or the q/k/v projection weights side by side (one quantizer; per
+    channel, row i shares a scale across q, k and v). Its activation quantizer sees query, key
+    and value (one range; a tensor passed as several of them is quantized once, so
+    self-attention keeps torch's packed projection). The rest is
+    :class:`RoutedMultiheadAttention`: ``out_proj`` (its own layer ``<name>.out_proj``, a
+    :class:`QOutProjLinear` when quantized) is called as a module, and the fused fast path is
+    never taken. Cost over the float module: the fake quantization and one identity matmul.
+    """
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return layer_weight(self)
+
+    def _in_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+    def _in_weights(self) -> tuple[torch.Tensor, ...]:
+        w = self.quantized_weight()
+        if self._qkv_same_embed_dim:
+            return (w,)
+        return tuple(p.contiguous() for p in w.split([self.embed_dim, self.kdim, self.vdim], 1))
+
+
 #: float module type -> quantized twin type (exact type match; subclasses are not swapped).
 TWINS: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -206,6 +345,8 @@ def register_twin(float_type: type[nn.Module], twin: type[nn.Module]) -> None:
 register_twin(nn.Conv1d, QConv1d)
 register_twin(nn.Conv2d, QConv2d)
 register_twin(nn.Linear, QLinear)
+register_twin(NonDynamicallyQuantizableLinear, QOutProjLinear)
+register_twin(nn.MultiheadAttention, QMultiheadAttention)
 
 
 def is_quantizable(module: nn.Module) -> bool:

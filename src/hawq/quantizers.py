@@ -15,11 +15,19 @@ Per-channel parameters run along ``axis`` (0 = output channels of a Conv/Linear 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from hawq.errors import ConfigError
+from hawq.registry import Registry
+
+__all__ = ["FLOAT_BITS", "INT_BITS", "QParams", "W_CLIPS", "check_bits", "check_channel_bits",
+           "dequantize", "fake_quantize", "int_range", "is_float", "lsq_fake_quantize",
+           "minmax_qparams", "mse_clip_ratios", "qparams_from_range", "quantization_error",
+           "quantize", "register_w_clip", "weight_qparams"]
 
 FLOAT_BITS = (16, 32)
 INT_BITS = tuple(range(1, 9))
@@ -292,12 +300,37 @@ def mse_clip_ratios(x: torch.Tensor, bits: int, symmetric: bool = True, axis: in
     return best if axis is not None else best[0]
 
 
+#: Weight clipping methods: name -> fn(w, bits, symmetric, axis) -> per-channel clipping ratio
+#: (a tensor, as :func:`mse_clip_ratios` returns) or None for the full range. ``QuantConfig(
+#: w_clip=...)``, :func:`weight_qparams` and ``--w-clip`` accept its names.
+W_CLIPS: Registry[Callable[..., Any]] = Registry("weight clipping method")
+
+
+def register_w_clip(name: str) -> Callable:
+    """Decorator registering ``fn(w, bits, symmetric, axis) -> ratio tensor | None`` as a
+    weight clipping method ``name``."""
+    return W_CLIPS.register(name)
+
+
+@register_w_clip("minmax")
+def _minmax_clip(w: torch.Tensor, bits: Any, symmetric: bool, axis: int | None) -> None:
+    """The full range [min, max]: no clipping."""
+    return None
+
+
+@register_w_clip("mse")
+def _mse_clip(w: torch.Tensor, bits: Any, symmetric: bool, axis: int | None) -> torch.Tensor:
+    """The MSE-optimal clipping ratio per channel (:func:`mse_clip_ratios`)."""
+    return mse_clip_ratios(w, bits, symmetric, axis)
+
+
 def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool = True, per_channel: bool = True,
                    clip: str = "minmax", clip_ratio: torch.Tensor | None = None) -> QParams | None:
     """QParams for a weight tensor; ``None`` for float bit widths.
 
-    ``clip="minmax"`` covers the full range; ``clip="mse"`` searches the MSE-optimal clipping
-    ratio (see :func:`mse_clip_ratios`) unless ``clip_ratio`` is given (reuse a cached search).
+    ``clip`` names a :data:`W_CLIPS` method: ``"minmax"`` covers the full range; ``"mse"``
+    searches the MSE-optimal clipping ratio (see :func:`mse_clip_ratios`); ``clip_ratio``, when
+    given, is used instead (reuse a cached search).
     ``bits`` may be a sequence with one bit width per output channel (needs ``per_channel``).
     """
     bits = check_channel_bits(bits, "w_bits", symmetric=symmetric)
@@ -306,12 +339,11 @@ def weight_qparams(w: torch.Tensor, bits: int, symmetric: bool = True, per_chann
                           "(QuantConfig(w_per_channel=True))")
     if is_float(bits):
         return None
-    if clip not in ("minmax", "mse"):
-        raise ConfigError(f"clip={clip!r}: use 'minmax' or 'mse'")
+    clip_fn = W_CLIPS.get(W_CLIPS.check(clip, "clip"))
     axis = 0 if per_channel else None
     lo, hi = _reduce(w.detach(), axis)
-    if clip == "mse" or clip_ratio is not None:
-        ratio = clip_ratio if clip_ratio is not None else mse_clip_ratios(w, bits, symmetric, axis)
+    ratio = clip_ratio if clip_ratio is not None else clip_fn(w, bits, symmetric, axis)
+    if ratio is not None:
         lo, hi = lo * ratio, hi * ratio
     return qparams_from_range(lo, hi, bits, symmetric, axis)
 

@@ -9,9 +9,11 @@ calibration data with every layer quantized at once and keeps the best exchange 
 measured objective, until none does. Only the measured objective decides, so a refined plan
 never scores worse than its start on the data it was refined on.
 
-Objectives: ``"kl"`` (default), the mean KL divergence of the quantized model's softmax from the
-float model's, needs no labels (it works on distilled ZeroQ inputs); ``"loss"``, the mean
-cross-entropy against labels.
+Objectives, both through a :class:`hawq.tasks.Task` (default ``"classification"``): ``"kl"``
+(default), the task's divergence of the quantized model's output from the float model's per
+sample (for classifiers and causal LMs the KL divergence of the softmaxes; squared error for
+other outputs), needs no labels (it works on distilled ZeroQ inputs); ``"loss"``, the task's mean
+loss (cross-entropy against labels for classifiers).
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hawq.allocation import Allocation, _make_allocation
+from hawq.allocation import Allocation, make_allocation
 from hawq.budgets import (Budget, as_bits, as_matrix, as_omega, as_params, fits, resource_limit,
                           size_limit_bits, size_matrix, slack)
 from hawq.errors import BudgetError, ConfigError, NumericalError
-from hawq.passes import as_inputs, as_pair
+from hawq.passes import model_device, naming, read_batches
 from hawq.plan import QuantConfig
 from hawq.quantizers import is_float
-from hawq.sensitivity import _fq, _weights
+from hawq.sensitivity import fake_quantized_weight, layer_weights
+from hawq.tasks import Task, as_task, batch_len, batch_to
+
+__all__ = ["AUTO_REFINE_MAX_BITS", "OBJECTIVES", "Refinement", "auto_refines", "refine_plan"]
 
 OBJECTIVES = ("kl", "loss")
 #: ``refine="auto"`` (the default of :class:`hawq.pipeline.CompressConfig`) refines a plan whose
@@ -53,7 +57,7 @@ class Refinement:
     [old bits, new bits], ``value`` after it, ``predicted_delta`` in ``omega``); ``evaluations``
     counts the forward passes over the data; ``allocation`` is the refined plan as
     :func:`hawq.allocation.allocate` reports one (method ``"refined"``, ``total_omega`` under the
-    ranking ``omega``)."""
+    ranking ``omega``); ``value``/``start_value`` are per sample of the data."""
 
     choices: list[int]
     bits: list[float]
@@ -214,7 +218,7 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
                 latency_limit: Any = None, pinned: Mapping[int, int] | Sequence[int] | None = None,
                 objective: str = "kl", candidates: int = 16, max_rounds: int = 50,
                 config: QuantConfig | None = None, batch_size: int = 256,
-                progress: bool = False) -> Refinement:
+                progress: bool = False, task: Task | str | None = None) -> Refinement:
     """Refine the plan ``start`` (choice indices into ``bits``, e.g. ``allocate(...).choices``).
 
     ``omega`` (L, B) ranks the candidate exchanges (the allocator's own cost matrix); ``params``,
@@ -229,6 +233,14 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
     ``max_rounds``. Weights only (activations float during the search), with
     the weight quantizer of ``config`` (as :func:`hawq.quantize_`). The model is restored.
 
+    ``data``: held-out data in any form :func:`hawq.tasks.iter_batches` reads (labels needed only
+    by ``objective="loss"`` for tasks with labels); ``task`` (default ``"classification"``) feeds
+    the model and gives the objective: ``"kl"`` sums ``task.divergence`` of the quantized output
+    from the float output (computed once and kept) over the batches, ``"loss"`` sums
+    ``task.loss`` times each batch's samples; both are divided by the number of samples. A task
+    that compares with the float model (``"embedding"``) and is not bound yet is bound to
+    ``model`` as it comes in (float weights).
+
     Returns a :class:`Refinement`. Cost: at most 1 + max_rounds * candidates forward passes over
     ``data`` (plus one float pass for ``"kl"``); no Hessian-vector products.
     """
@@ -238,10 +250,9 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
         raise ConfigError(f"candidates={candidates}, max_rounds={max_rounds}: need candidates "
                           ">= 1 and max_rounds >= 0")
     config = config or QuantConfig()
-    if objective == "loss":
-        x, y = as_pair(data, "data")
-    else:
-        x, y = as_inputs(data, "data"), None
+    task = as_task(task)
+    batches = read_batches(data, batch_size, "data")
+    samples = batches.samples
     b, n = as_bits(bits), as_params(params)
     om = as_omega(omega)
     if om.shape != (n.size, b.size) or len(names) != n.size:
@@ -259,22 +270,20 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
     frozen[[int(k) for k in (pinned or ())]] = True
     space = _Moves(om, limits, frozen, np.argsort(b, kind="stable"))
 
-    device = next(model.parameters()).device
-    weights = _weights(model, names)
+    device = model_device(model)
+    if task.reference is None:
+        task = task.bind(model)   # a copy of the float model where the task needs one
+    weights = layer_weights(model, names)
     originals = [w.detach().clone() for w in weights]
-    quantized = [[orig if is_float(bb) else _fq(orig, int(bb), config) for bb in b]
+    quantized = [[orig if is_float(bb) else fake_quantized_weight(orig, int(bb), config) for bb in b]
                  for orig in originals]
     was_training = model.training
     model.eval()
-    xs = x.split(batch_size)
-    ys = None if y is None else y.split(batch_size)
-
-    @torch.no_grad()
-    def outputs() -> list[torch.Tensor]:
-        return [F.log_softmax(model(xb.to(device)).float(), dim=-1) for xb in xs]
 
     try:
-        ref = outputs() if objective == "kl" else None
+        with torch.no_grad(), naming("data"):
+            ref = ([task.forward(model, batch_to(bt, device)) for bt in batches]
+                   if objective == "kl" else None)
         loaded = np.full(n.size, -1)     # choice whose weights each layer holds (-1: float)
         evaluations = 0
 
@@ -285,16 +294,19 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
                 weights[i].data.copy_(quantized[i][choice[i]])
                 loaded[i] = choice[i]
             total = 0.0
-            for i, lp in enumerate(outputs()):
-                if ref is not None:
-                    total += float(F.kl_div(lp, ref[i], log_target=True, reduction="sum"))
-                else:
-                    total += float(F.nll_loss(lp, ys[i].to(device), reduction="sum"))
+            with naming("data"):
+                for i, bt in enumerate(batches):
+                    bt = batch_to(bt, device)
+                    out = task.forward(model, bt)
+                    if ref is not None:
+                        total += float(task.divergence(out, ref[i], bt))
+                    else:
+                        total += float(task.loss(out, bt)) * batch_len(bt)
             evaluations += 1
             if not np.isfinite(total):
                 raise NumericalError(f"the {objective} objective is NaN/inf for plan "
                                      f"{[float(b[k]) for k in choice]}: check the data and model")
-            return total / len(x)
+            return total / samples
 
         start_c = c.copy()
         value = start_value = measure(c)
@@ -325,7 +337,7 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
         model.train(was_training)
     bm, lm = (None if m is None else as_matrix(m, om.shape, what)
               for what, m in (("bops", bops), ("latency", latency)))
-    alloc = _make_allocation(c, om, n, b, size_matrix(n, b, size), bm, lm, "refined",
+    alloc = make_allocation(c, om, n, b, size_matrix(n, b, size), bm, lm, "refined",
                              optimal=False)
     return Refinement(choices=[int(k) for k in c], bits=[float(b[k]) for k in c],
                       start_choices=[int(k) for k in start_c],

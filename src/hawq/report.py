@@ -23,8 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hawq.errors import DataError
+from hawq.errors import DataError, HawqError
 from hawq.io import atomic_write_bytes, atomic_write_text, write_json
+
+__all__ = ["NOT_COMPUTED", "ReportResult", "RunData", "Section", "bits_svg", "build_sections",
+           "compute_density", "density_png", "load_run", "reconstructed_command",
+           "record_command", "render_html", "render_markdown", "write_report"]
 
 NOT_COMPUTED = "not computed"
 
@@ -99,6 +103,16 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
 
 # ----------------------------------------------------------------------------- figures
 
+def _new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -110,7 +124,6 @@ def density_png(density: dict[str, Any]) -> bytes:
     import numpy as np
 
     from hawq.hessian_density import SpectralDensity
-    from hawq.plots import _figure
 
     sd = SpectralDensity(**{k: density[k] for k in ("nodes", "weights", "dim", "hvp_count",
                                                     "seconds")})
@@ -119,7 +132,7 @@ def density_png(density: dict[str, Any]) -> bytes:
     pad = 0.05 * max(hi - lo, 1e-12)
     grid = np.linspace(lo - pad, hi + pad, 600)
     dens = np.maximum(sd.density(grid), 1e-12)
-    fig = _figure(7.0, 3.6)
+    fig = _new_figure(7.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     ax.semilogy(grid, dens, color="tab:blue", lw=1.4)
     ax.set_ylim(max(dens.max() * 1e-9, 1e-12), dens.max() * 3)
@@ -255,38 +268,15 @@ def _pct(v: Any) -> str:
 
 
 def reconstructed_command(config: dict[str, Any]) -> str:
-    """A ``hawq compress`` command line equivalent to a run's recorded config (defaults
-    omitted). Used when the run has no command.json."""
-    from hawq.pipeline import CompressConfig
+    """A ``hawq compress`` (or, for a ZeroQ run's config, ``hawq zeroq``) command line equivalent
+    to a run's recorded config: the flags :func:`hawq.config.config_to_argv` writes (defaults
+    omitted), so it parses back to the same config. Used when the run has no command.json.
+    Raises :class:`ConfigError` when the recorded config is not valid today."""
+    from hawq.config import CompressConfig, ZeroQConfig, config_from_dict, config_to_argv
 
-    default = asdict(CompressConfig())
-    flags = {"model": "--model", "data_dir": "--data-dir", "method": "--method",
-             "sensitivity": "--sensitivity", "allocator": "--allocator", "bits": "--bits",
-             "a_bits": "--a-bits", "target_compression": "--target-compression",
-             "target_avg_bits": "--target-avg-bits", "target_bytes": "--target-bytes",
-             "target_fraction": "--target-fraction", "bops_limit": "--bops",
-             "latency_table": "--latency-table", "latency_limit": "--latency-limit",
-             "pin_first_last": "--pin-first-last", "hessian_samples": "--samples",
-             "max_probes": "--max-probes", "calib_samples": "--calib-samples",
-             "test_samples": "--test-samples", "w_clip": "--w-clip", "seed": "--seed",
-             "bias_correct": "--bias-correct", "probe_mode": "--probe-mode",
-             "refine": "--refine", "refine_samples": "--refine-samples",
-             "refine_candidates": "--refine-candidates"}
-    out = ["hawq", "compress"]
-    for key, flag in flags.items():
-        v = config.get(key)
-        d = default.get(key)
-        if isinstance(v, list):
-            v = tuple(v)
-        if v is None or v == d or (key == "method" and v is None):
-            continue
-        if key in ("sensitivity", "allocator") and config.get("method"):
-            continue
-        if isinstance(v, bool):  # store_true flags (--refine: --refine/--no-refine)
-            out += [flag] if v else ["--no-" + flag[2:]] if key == "refine" else []
-            continue
-        out += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
-    return shlex.join(out)
+    zero = "data_source" in config or "distill_iters" in config
+    cfg = config_from_dict(ZeroQConfig if zero else CompressConfig, config)
+    return shlex.join(["hawq", "zeroq" if zero else "compress", *config_to_argv(cfg)])
 
 
 # ----------------------------------------------------------------------------- sections
@@ -356,7 +346,10 @@ def build_sections(run: RunData, md_images: dict[str, str]) -> list[Section]:
                            "</p>",
                            f"```bash\n{cmd}\n```\n\nrun {when} in `{run.command.get('cwd', '')}`\n"))
     elif cfg:
-        cmd = reconstructed_command(cfg)
+        try:
+            cmd = reconstructed_command(cfg)
+        except HawqError as e:  # a config today's checks reject: say so, never fail the report
+            cmd = f"# metrics.json's config does not rebuild as a command: {e}"
         out.append(Section("command", "Command", False,
                            f"<p class=nc>The run did not record its command line (command.json);"
                            f" an equivalent command rebuilt from metrics.json:</p><pre><code>"
@@ -621,16 +614,36 @@ def compute_density(run_dir: str | os.PathLike, *, samples: int = 256, n_steps: 
     products (see :func:`hawq.hessian_density.spectral_density`)."""
     from hawq.data import load_dataset
     from hawq.hessian_density import spectral_density
-    from hawq.models import build_model, get_spec
+    from hawq.models import MODELS, build_model, get_spec
 
     run = load_run(run_dir)
     cfg = (run.metrics or {}).get("config")
     if not cfg:
         raise DataError(f"{run_dir}: metrics.json is missing, so the model is unknown; run "
                         "'hawq compress --out DIR' first")
-    spec = get_spec(cfg["model"])
-    model = build_model(cfg["model"], pretrained=True, data_dir=cfg.get("data_dir"))
-    data = load_dataset(spec.dataset, "train", cfg.get("data_dir"), samples)
-    res = spectral_density(model, data.tensors, n_steps=n_steps, n_vectors=n_vectors,
-                           seed=int(cfg.get("seed", 0)), progress=progress)
+    name, task = cfg["model"], cfg.get("task")
+    if name in MODELS and not cfg.get("data"):
+        spec = get_spec(name)
+        model = build_model(name, pretrained=True, data_dir=cfg.get("data_dir"))
+        data = load_dataset(spec.dataset, "train", cfg.get("data_dir"), samples).tensors
+    else:  # the user's model / data, by the specs the run recorded
+        from hawq.loading import load_object, unpack_data, unpack_setup
+        from hawq.tasks import materialize
+
+        if name in MODELS:
+            model, splits = build_model(name, pretrained=True, data_dir=cfg.get("data_dir")), {}
+        else:
+            setup = unpack_setup(load_object(name, "model"), f"model {name!r}")
+            model, splits = setup.model, setup.data
+            if setup.task is not None and task in (None, "classification"):
+                task = setup.task
+        if cfg.get("data"):
+            splits = unpack_data(load_object(cfg["data"], "data"), f"data {cfg['data']!r}")
+        if model is None or splits.get("calib") is None:
+            raise DataError(f"{run_dir}: the run's model {name!r} brings no calibration data "
+                            "and its config names no data factory: the density cannot be "
+                            "computed")
+        data = materialize(splits["calib"], samples, "calibration data", limit=samples)
+    res = spectral_density(model, data, n_steps=n_steps, n_vectors=n_vectors,
+                           seed=int(cfg.get("seed", 0)), progress=progress, task=task)
     return write_json(Path(run_dir) / "density.json", res.to_dict() | {"samples": samples})

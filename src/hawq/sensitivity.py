@@ -13,26 +13,34 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hawq.errors import ConfigError, NumericalError
-from hawq.passes import as_pair, hooked, run_batches
+from hawq.passes import hooked, mean_task_loss, model_device, read_batches, run_batches
 from hawq.plan import QuantConfig
+from hawq.qmodules import layer_weight
 from hawq.quantizers import check_bits, dequantize, is_float, quantize, weight_qparams
 from hawq.surgery import quantizable_layers
+from hawq.tasks import Task, as_task
+
+__all__ = ["activation_errors", "activation_omega", "fake_quantized_weight", "layer_weights",
+           "measured_loss_increase", "omega_matrix", "weight_errors"]
 
 
-def _weights(model: nn.Module, names: Sequence[str]) -> list[torch.Tensor]:
+def layer_weights(model: nn.Module, names: Sequence[str]) -> list[torch.Tensor]:
+    """The weight tensors (parameters, shared with the model) of the quantizable layers
+    ``names``; ConfigError listing the valid names when one is not a quantizable layer."""
     mods = quantizable_layers(model)
     missing = [n for n in names if n not in mods]
     if missing:
         raise ConfigError(f"layers {missing} are not quantizable layers of the model; valid: "
                           f"{sorted(mods)}")
-    return [mods[n].weight for n in names]
+    return [layer_weight(mods[n]) for n in names]  # MultiheadAttention: its in_proj_weight
 
 
-def _fq(w: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+def fake_quantized_weight(w: torch.Tensor, bits: int, config: QuantConfig) -> torch.Tensor:
+    """``w`` (detached) quantized and dequantized at ``bits`` with ``config``'s weight quantizer
+    (the one :func:`hawq.quantize_` uses); ``w`` itself for float bits."""
     qp = weight_qparams(w.detach(), bits, config.w_symmetric, config.w_per_channel, config.w_clip)
     return w.detach() if qp is None else dequantize(quantize(w.detach(), qp), qp)
 
@@ -46,10 +54,10 @@ def weight_errors(model: nn.Module, names: Sequence[str], bits: Sequence[int],
     config = config or QuantConfig()
     bits = [check_bits(b, "bits", symmetric=config.w_symmetric) for b in bits]
     out = np.zeros((len(names), len(bits)))
-    for i, w in enumerate(_weights(model, names)):
+    for i, w in enumerate(layer_weights(model, names)):
         for j, b in enumerate(bits):
             if not is_float(b):
-                out[i, j] = float((_fq(w, b, config) - w.detach()).pow(2).sum())
+                out[i, j] = float((fake_quantized_weight(w, b, config) - w.detach()).pow(2).sum())
     return out
 
 
@@ -69,12 +77,17 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
                            bits: Sequence[int], config: QuantConfig | None = None,
                            batch_size: int = 256, progress: bool = False,
                            context: Sequence[int] | None = None,
-                           bias_correct: bool = False) -> np.ndarray:
+                           bias_correct: bool = False,
+                           task: Task | str | None = None) -> np.ndarray:
     """Delta L_i(b) = L(W with only layer i at b bits) - L(W): an (L, B) array.
 
-    Measured on ``data`` (TensorDataset or (inputs, targets)), mean cross-entropy, model in eval
-    mode, weights only (activations float). With ``context`` (bits per layer of a plan), every
-    other layer is held at its context bits and the base is the context with layer i in float:
+    Measured on ``data`` (anything :func:`hawq.tasks.iter_batches` reads: tensors, (inputs,
+    targets), TensorDatasets, dicts of tensors, Datasets, DataLoaders) as ``task``'s mean loss
+    (sum over batches of ``task.loss`` times the batch's samples, over the number of samples;
+    default ``"classification"``: mean cross-entropy), model in eval mode, weights only
+    (activations float). A task that compares with the float model (``"embedding"``) and is not
+    bound yet is bound to ``model`` as it comes in. With ``context`` (bits per layer of a plan),
+    every other layer is held at its context bits and the base is the context with layer i in float:
     the cost of layer i *around that plan*, which sees how layers' errors interact.
     With ``bias_correct`` each quantized layer's bias is shifted as :func:`hawq.bias_correct_`
     would shift it (its mean output per channel on ``data`` restored to the float one), so the
@@ -83,32 +96,31 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
     integer bit widths. The model's weights are restored afterwards.
     """
     config = config or QuantConfig()
-    x, y = as_pair(data, "data")
-    device = next(model.parameters()).device
+    task = as_task(task)
+    if task.reference is None:
+        task = task.bind(model)   # a copy of the float model where the task needs one
+    batches = read_batches(data, batch_size, "data")
+    device = model_device(model)
     was_training = model.training
     model.eval()
 
     def loss() -> float:
-        total = 0.0
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            total += float(F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="sum"))
-        if not np.isfinite(total):
-            raise NumericalError("loss is NaN/inf while measuring single-layer sensitivities")
-        return total / len(y)
+        return mean_task_loss(model, batches, task, batch_size, device, "data")
 
-    weights = _weights(model, names)
+    weights = layer_weights(model, names)
     originals = [w.detach().clone() for w in weights]
     if context is not None and len(context) != len(names):
         raise ConfigError(f"context has {len(context)} bit widths for {len(names)} layers")
     if bias_correct and context is not None:
         raise ConfigError("bias_correct=True measures each layer alone: drop context=")
     layer_mods = [quantizable_layers(model)[n] for n in names]
-    means = _mean_inputs(model, layer_mods, x, batch_size, device) if bias_correct else None
+    means = (_mean_inputs(model, layer_mods, batches, batch_size, device, task)
+             if bias_correct else None)
     out = np.zeros((len(names), len(bits)))
     try:
         if context is not None:
             for w, orig, b in zip(weights, originals, context):
-                w.data.copy_(_fq(orig, int(b), config))
+                w.data.copy_(fake_quantized_weight(orig, int(b), config))
         base = loss()
         bar = tqdm(total=len(names) * len(bits), desc="single-layer losses", disable=not progress,
                    leave=False)
@@ -120,7 +132,7 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
                     base = loss()
                 for j, b in enumerate(bits):
                     if not is_float(b):
-                        w.data.copy_(_fq(originals[i], b, config))
+                        w.data.copy_(fake_quantized_weight(originals[i], b, config))
                         if means is None:
                             out[i, j] = loss() - base
                         else:
@@ -138,10 +150,11 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
 
 
 @torch.no_grad()
-def _mean_inputs(model: nn.Module, mods: Sequence[nn.Module], x: torch.Tensor, batch_size: int,
-                 device: torch.device) -> list[torch.Tensor]:
-    """Each layer's input averaged over the samples (conv: per position; linear: per feature),
-    from one forward pass of the float model."""
+def _mean_inputs(model: nn.Module, mods: Sequence[nn.Module], data: Any, batch_size: int,
+                 device: torch.device, task: Task | None = None) -> list[torch.Tensor]:
+    """Each layer's input averaged over the samples (conv: per position; linear: per feature,
+    over samples and any sequence positions), from one forward pass of the float model fed by
+    ``task``."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
@@ -154,7 +167,7 @@ def _mean_inputs(model: nn.Module, mods: Sequence[nn.Module], x: torch.Tensor, b
         return fn
 
     with hooked([(m, hook(k, isinstance(m, nn.Linear))) for k, m in enumerate(mods)], pre=True):
-        run_batches(model, x, batch_size, device)
+        run_batches(model, data, batch_size, device, task)
     return [(sums[k] / counts[k]).float() for k in range(len(mods))]
 
 
@@ -187,17 +200,20 @@ class _shifted_bias:
 
 @torch.no_grad()
 def activation_errors(model: nn.Module, data: Any, names: Sequence[str], bits: Sequence[int],
-                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                      batch_size: int = 256, task: Task | str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """||Q_b(a_i) - a_i||^2 of each layer's input activation, summed over ``data``: (L, B).
 
     The quantizer is the one :func:`hawq.calibrate_` freezes (per tensor, min/max range over
     the same data; unsigned when the input is never negative). Also returns the number of
     activation elements per layer (summed over samples), so Tr(H_a)/n_a can be formed.
+    ``data``: any form :func:`hawq.tasks.iter_batches` reads (labels not needed); the model is
+    fed by ``task`` (default classification's feeding).
     Cost: two forward passes over ``data`` (one for the ranges, one for the errors).
     """
     from hawq.quantizers import qparams_from_range
 
-    x, _ = as_pair(data, "data")
+    batches = read_batches(data, batch_size, "data")
     mods = quantizable_layers(model)
     missing = [n for n in names if n not in mods]
     if missing:
@@ -207,7 +223,7 @@ def activation_errors(model: nn.Module, data: Any, names: Sequence[str], bits: S
     hi = {n: float("-inf") for n in names}
     err = {n: np.zeros(len(bits)) for n in names}
     count = {n: 0 for n in names}
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     def observe(name):
         def hook(_m, inputs):
@@ -229,17 +245,18 @@ def activation_errors(model: nn.Module, data: Any, names: Sequence[str], bits: S
 
     for make in (observe, measure):
         with hooked([(mods[n], make(n)) for n in names], pre=True):
-            run_batches(model, x, batch_size, device)
+            run_batches(model, batches, batch_size, device, task)
     return (np.stack([err[n] for n in names]), np.array([count[n] for n in names], dtype=float))
 
 
 def activation_omega(model: nn.Module, data: Any, names: Sequence[str], bits: Sequence[int],
-                     activation_traces: Sequence[float]) -> np.ndarray:
+                     activation_traces: Sequence[float],
+                     task: Task | str | None = None) -> np.ndarray:
     """HAWQ-V2 activation cost Omega_i(b) = Tr(H_a,i)/n_a,i * ||Q_b(a_i) - a_i||^2: (L, B).
 
     ``activation_traces`` come from ``hawq.analyze(..., metric="activation")`` on the same data
     (traces of the summed loss, so errors are summed over the same samples). Cost: see
     :func:`activation_errors`.
     """
-    errors, counts = activation_errors(model, data, names, bits)
+    errors, counts = activation_errors(model, data, names, bits, task=task)
     return omega_matrix(np.asarray(activation_traces, dtype=float) / counts, errors)

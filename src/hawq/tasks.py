@@ -44,8 +44,8 @@ from hawq.errors import ConfigError, DataError, NumericalError
 from hawq.registry import Registry
 
 __all__ = [
-    "TASKS", "Task", "TaskOutputs", "as_task", "batch_len", "batch_to", "custom_task",
-    "iter_batches", "materialize", "register_task", "split_batch", "task_names",
+    "TASKS", "Task", "TaskOutputs", "as_task", "criterion_reduction", "criterion_task", "batch_len", "batch_to", "custom_task",
+    "iter_batches", "materialize", "register_task", "resolve_task", "split_batch", "task_names",
 ]
 
 Batch = Any
@@ -126,19 +126,40 @@ def _check_same_length(parts: Sequence[Any], who: str) -> int:
     return lens[0]
 
 
+def _leaves(obj: Any) -> list[Any] | None:
+    """The tensors of a nested tuple/list/dict structure, or None when something else is in it."""
+    if torch.is_tensor(obj):
+        return [obj]
+    items = obj.values() if isinstance(obj, Mapping) else (
+        obj if isinstance(obj, (tuple, list)) else None)
+    if items is None or not len(obj):
+        return None
+    out: list[Any] = []
+    for v in items:
+        sub = _leaves(v)
+        if sub is None:
+            return None
+        out.extend(sub)
+    return out
+
+
 def _is_whole(data: Any) -> bool:
-    """Whether ``data`` is one in-memory dataset (tensor, tensor tuple or dict of tensors) rather
-    than an iterable of batches."""
-    if torch.is_tensor(data):
+    """Whether ``data`` is one in-memory dataset (a tensor, a tuple of tensors / dicts of tensors
+    such as ``(inputs, targets)`` or ``(images, {"labels": ..., "boxes": ...})``, a dict of
+    tensors) rather than an iterable of batches: every tensor in it has the same leading size."""
+    if torch.is_tensor(data) or isinstance(data, torch.utils.data.TensorDataset):
         return True
-    if isinstance(data, torch.utils.data.TensorDataset):
-        return True
-    if isinstance(data, Mapping):
-        return all(torch.is_tensor(v) for v in data.values()) and len(data) > 0
-    if isinstance(data, tuple) and 1 <= len(data) <= 3 and all(torch.is_tensor(t) for t in data):
-        return len({_leading(t) for t in data}) == 1
-    if isinstance(data, list) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        return _leading(data[0]) == _leading(data[1]) and _leading(data[0]) not in (None,)
+    if isinstance(data, list) and not (len(data) == 2 and all(torch.is_tensor(t) for t in data)):
+        return False  # a list of batches, unless it is an (inputs, targets) pair of tensors
+    if isinstance(data, (tuple, list)) and not all(
+            torch.is_tensor(t) or isinstance(t, Mapping) for t in data):
+        return False  # a tuple of batches
+    if isinstance(data, Mapping) or (isinstance(data, tuple) and 1 <= len(data) <= 3) or (
+            isinstance(data, list) and len(data) == 2):
+        leaves = _leaves(data)
+        if not leaves:
+            return False
+        return len({_leading(t) for t in leaves}) == 1 and _leading(leaves[0]) is not None
     return False
 
 
@@ -168,8 +189,7 @@ def iter_batches(data: Any, batch_size: int = 256, who: str = "data",
             data = tuple(data.tensors)
         if isinstance(data, list):
             data = tuple(data)
-        parts = list(data.values()) if isinstance(data, Mapping) else (
-            [data] if torch.is_tensor(data) else list(data))
+        parts = _leaves(data) or []
         n = _check_same_length(parts, who)
         n = n if limit is None else min(n, limit)
         for s in range(0, n, batch_size):
@@ -611,6 +631,56 @@ def as_task(task: Task | str | Callable | None) -> Task:
         return custom_task(task)
     raise ConfigError(f"task={task!r}: give a Task, a name from {TASKS.names()} or a callable "
                       "(output, batch) -> loss")
+
+
+def criterion_reduction(criterion: Callable) -> str:
+    """``criterion.reduction`` ("mean" by default); ConfigError unless "mean" or "sum"."""
+    red = getattr(criterion, "reduction", "mean")
+    if red not in ("mean", "sum"):
+        raise ConfigError(f"criterion reduction={red!r}: use reduction='mean' (or 'sum') so each "
+                          "batch gives a scalar loss")
+    return red
+
+
+def criterion_task(criterion: Callable) -> Task:
+    """A task whose loss is ``criterion(output, targets)`` (targets: a tuple's second item or a
+    dict's ``labels``), fed like a classifier. Raises :class:`ConfigError` unless the
+    criterion's ``reduction`` is 'mean' or 'sum' (with 'sum' the loss is a sum over the batch;
+    :func:`resolve_task` reports that so callers rescale)."""
+    if not callable(criterion):
+        raise ConfigError(f"criterion={criterion!r}: give a callable (output, target) -> loss, "
+                          "e.g. nn.CrossEntropyLoss(), or use task=...")
+    criterion_reduction(criterion)
+
+    def loss_fn(output: Any, batch: Batch) -> torch.Tensor:
+        y = task.targets(batch)
+        if y is None:
+            raise DataError("criterion=... needs targets: give (inputs, targets) pairs or dicts "
+                            "with 'labels', or pass task=... for data without labels")
+        return criterion(output, y)
+
+    task = custom_task(loss_fn)
+    task.name = f"criterion {type(criterion).__name__}"
+    task.expects = "(inputs, targets) pairs or dicts with 'labels'; criterion(output, targets)"
+    return task
+
+
+def resolve_task(task: Task | str | Callable | None, criterion: Callable | None,
+                 model: nn.Module | None = None) -> tuple[Task, bool]:
+    """The task that builds the loss, and whether that loss is a *sum* over the batch's samples
+    (a criterion with reduction='sum') rather than a mean. ``task`` goes through
+    :func:`hawq.tasks.as_task` (default ``classification``); ``criterion`` maps to
+    :func:`criterion_task`; giving both raises :class:`ConfigError`. A task without a float
+    reference is bound to ``model`` (``embedding`` keeps a frozen copy: one model's memory)."""
+    if task is not None and criterion is not None:
+        raise ConfigError("give task=... or criterion=..., not both: a criterion (output, target) "
+                          "-> loss is a custom task; pass hawq.tasks.custom_task(loss_fn) as task=")
+    if criterion is not None:
+        return criterion_task(criterion), criterion_reduction(criterion) == "sum"
+    t = as_task(task)
+    if model is not None and t.reference is None:
+        t = t.bind(model)
+    return t, False
 
 
 def finite(value: float, what: str) -> float:

@@ -20,10 +20,7 @@ Sensitivities:
 from __future__ import annotations
 
 import logging
-import math
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,21 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hawq.errors import ConfigError, NumericalError
-from hawq.plan import BitPlan, LayerSpec, QuantConfig
+from hawq.errors import ConfigError, DataError, NumericalError
+from hawq.plan import QuantConfig
 from hawq.quantizers import check_bits, fake_quantize, weight_qparams
 from hawq.surgery import quantizable_layers
+from hawq.tasks import ClassificationTask, Task, as_task, batch_len, batch_to, iter_batches
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SENSITIVITIES", "DATA_SOURCES", "ZeroQConfig", "ZeroQResult", "gaussian_data",
-           "hessian_sensitivity", "kl_sensitivity", "zeroq"]
-
-#: Sensitivity measures of the zero-shot pipeline.
-SENSITIVITIES = ("kl", "hessian")
-#: Where sensitivity/calibration inputs come from: ZeroQ's distilled data (zero-shot), real
-#: training images, or Gaussian noise (the baselines of the ZeroQ paper).
-DATA_SOURCES = ("distilled", "real", "noise")
+__all__ = ["gaussian_data", "hessian_sensitivity", "kl_sensitivity"]
 
 
 # ----------------------------------------------------------------------------- sensitivity
@@ -64,21 +55,74 @@ def _kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(dim=(-1, -2))
 
 
-def kl_sensitivity(model: nn.Module, x: torch.Tensor, names: Sequence[str] | None = None,
+class _TaskCall(nn.Module):
+    """``model`` fed by ``task``: ``forward(batch) = task.forward(model, batch)``, so
+    ``functional_call`` can swap the model's weights (named ``model.<name>``) under the task."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: Any) -> Any:
+        return self.task.forward(self.model, batch)
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if torch.is_tensor(logits):
+        return logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise DataError(f"the model returned a {type(out).__name__}; the KL sensitivity needs logits "
+                    "(a tensor, an output with .logits or a tuple whose first item is them)")
+
+
+def _log_probs(out: Any, tokens: bool) -> torch.Tensor:
+    """Log-softmax of a model's logits in float64: (N, K) over the flattened output per sample
+    (a classifier), or (N, P, K) over the last dimension per position (``tokens``)."""
+    z = _logits_of(out).double()
+    if tokens and z.dim() > 2:
+        return F.log_softmax(z, dim=-1).reshape(z.shape[0], -1, z.shape[-1])
+    return F.log_softmax(z.flatten(1), dim=1)
+
+
+def _kl_sum(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Summed KL(p || q) over samples per leading row of ``logq``; per-position distributions
+    (logp (N, P, K)) are averaged over the P positions."""
+    if logp.dim() == 2:
+        return _kl_rows(logp, logq)
+    return (logp.exp() * (logp - logq)).sum(dim=(-1, -2, -3)) / logp.shape[1]
+
+
+def kl_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None = None,
                    bits: Sequence[int] = (2, 4, 8), config: QuantConfig | None = None,
                    batch_size: int = 256, vectorize: bool = True,
-                   progress: bool = False) -> np.ndarray:
-    """ZeroQ's sensitivity: (L, B) array of mean KL(FP32 output || output with only layer i's
-    weight quantized to ``bits[j]``) over the inputs ``x``, softmax of the model's outputs.
+                   progress: bool = False, task: Task | str | None = None) -> np.ndarray:
+    """ZeroQ's sensitivity: (L, B) array of the mean divergence between the FP32 model's output
+    and the output with only layer i's weight quantized to ``bits[j]``, per sample of ``x``.
 
+    ``x``: the model's inputs (a tensor, e.g. distilled data) or any data
+    :func:`hawq.tasks.iter_batches` reads, fed by ``task`` (a :class:`hawq.tasks.Task`, a
+    registered name or a loss callable; default ``"classification"``, which needs no labels
+    here). For tasks whose outputs are logits the divergence is KL(softmax FP32 || softmax
+    quantized) in float64: over the flattened output per sample for classification (ZeroQ's
+    own), over the vocabulary per position and averaged over positions for ``causal-lm``. For
+    other tasks (``embedding``, ``loss-dict``, custom) it is the task's
+    :meth:`~hawq.tasks.Task.divergence` (squared error of the outputs by default).
     ``names``: quantizable layers (default all, registration order). Weights are quantized as
     :func:`hawq.quantize_` does with ``config`` (activations stay float). Float bits (>= 16)
     leave the weight unchanged, so their KL is 0 up to rounding (exactly 0 with
     ``vectorize=False``). ``vectorize`` runs a layer's B variants as one ``torch.func.vmap``
     call, falling back to a loop when an op has no batching rule. Values below 0 (rounding) are
     clamped to 0. Model in eval mode, weights untouched. Cost: 1 + L*B forward passes over ``x``.
+    Raises :class:`ConfigError` for unknown layers or empty ``x``, :class:`NumericalError` for a
+    NaN/inf result.
     """
     config = config or QuantConfig()
+    task = as_task(task)
     bits = [check_bits(b, "bits", symmetric=config.w_symmetric) for b in bits]
     mods = quantizable_layers(model)
     names = list(mods) if names is None else list(names)
@@ -86,40 +130,48 @@ def kl_sensitivity(model: nn.Module, x: torch.Tensor, names: Sequence[str] | Non
     if missing:
         raise ConfigError(f"layers {missing} are not quantizable layers of the model; valid: "
                           f"{sorted(mods)}")
-    if x.shape[0] == 0:
+    if torch.is_tensor(x) and (x.dim() == 0 or x.shape[0] == 0):
         raise ConfigError("x is empty: give at least one input (e.g. distilled data)")
     from torch.func import functional_call, vmap
 
     device = next(model.parameters()).device
-    chunks = [c.to(device) for c in x.split(batch_size)]
+    chunks = [batch_to(c, device) for c in iter_batches(x, batch_size, "x")]
+    samples = sum(batch_len(c) for c in chunks)
+    logits = task.metric in ("accuracy", "perplexity")
+    tokens = task.metric == "perplexity"
+    fed = _TaskCall(model, task)
     was_training = model.training
     model.eval()
     out = np.zeros((len(names), len(bits)))
     use_vmap = vectorize
     try:
         with torch.no_grad():
-            ref = [F.log_softmax(model(c).double().flatten(1), dim=1) for c in chunks]
+            ref_out = [fed(c) for c in chunks]
+            ref = [_log_probs(o, tokens) for o in ref_out] if logits else ref_out
             bar = tqdm(names, desc="KL sensitivity", disable=not progress, leave=False)
             for i, name in enumerate(bar):
-                key = f"{name}.weight"
+                key = f"model.{name}.weight"
                 wq = _quantized_weights(mods[name].weight, bits, config)
                 total = torch.zeros(len(bits), dtype=torch.float64)
-                for c, logp in zip(chunks, ref):
-                    def run(w: torch.Tensor, c: torch.Tensor = c) -> torch.Tensor:
-                        return F.log_softmax(functional_call(model, {key: w}, (c,)).double()
-                                             .flatten(1), dim=1)
+                for c, r in zip(chunks, ref):
+                    if logits:
+                        def run(w: torch.Tensor, c: Any = c) -> torch.Tensor:
+                            return _log_probs(functional_call(fed, {key: w}, (c,)), tokens)
+                    else:
+                        def run(w: torch.Tensor, c: Any = c, r: Any = r) -> torch.Tensor:
+                            return task.divergence(functional_call(fed, {key: w}, (c,)), r, c)
 
-                    logq = None
+                    res = None
                     if use_vmap:
                         try:
-                            logq = vmap(run)(wq)
+                            res = vmap(run)(wq)
                         except Exception as exc:  # an op without a batching rule
                             log.info("vmap failed (%s); one forward per bit width", exc)
                             use_vmap = False
-                    if logq is None:
-                        logq = torch.stack([run(w) for w in wq])
-                    total += _kl_rows(logp, logq).double()
-                out[i] = (total / x.shape[0]).numpy()
+                    if res is None:
+                        res = torch.stack([run(w) for w in wq])
+                    total += (_kl_sum(r, res) if logits else res).double().cpu()
+                out[i] = (total / samples).numpy()
     finally:
         model.train(was_training)
     if not np.all(np.isfinite(out)):
@@ -128,14 +180,22 @@ def kl_sensitivity(model: nn.Module, x: torch.Tensor, names: Sequence[str] | Non
     return np.maximum(out, 0.0)
 
 
-def hessian_sensitivity(model: nn.Module, x: torch.Tensor, names: Sequence[str] | None = None,
+def hessian_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None = None,
                         bits: Sequence[int] = (2, 4, 8), config: QuantConfig | None = None,
                         seed: int = 0, max_probes: int = 50, tol: float = 1e-2,
-                        progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                        progress: bool = False, task: Task | str | None = None
+                        ) -> tuple[np.ndarray, dict[str, Any]]:
     """Data-free HAWQ-V2: Omega (L, B) = Tr(H_i)/n_i x ||Q_b(W_i) - W_i||^2 with the Hessian of
-    the cross-entropy on inputs ``x`` against the model's own predictions (argmax) as labels.
+    the ``task``'s loss on inputs ``x`` (a tensor or any data :func:`hawq.tasks.iter_batches`
+    reads).
 
-    Returns (omega, {"names", "labels", "hessian": HessianResult dict, "weight_errors"}).
+    ``task`` (default ``"classification"``): a classifier's cross-entropy is taken against the
+    model's own predictions (argmax) as labels (any labels in ``x`` are replaced), so no real
+    labels are needed; other tasks use their own loss on ``x`` as it is (``causal-lm``: the
+    next tokens of the inputs; ``embedding``: the distortion to the float model, bound here,
+    whose Hessian is the output's Gauss-Newton matrix; ``loss-dict``: ``x`` must carry targets).
+    Returns (omega, {"names", "labels" (the predicted labels, None for non-classification
+    tasks), "hessian": HessianResult dict, "weight_errors"}).
     Cost: one forward for the labels plus a Hutchinson run (<= ``max_probes`` HVPs on ``x``).
     """
     from hawq.hessian import analyze
@@ -143,319 +203,64 @@ def hessian_sensitivity(model: nn.Module, x: torch.Tensor, names: Sequence[str] 
 
     config = config or QuantConfig()
     names = list(quantizable_layers(model)) if names is None else list(names)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            labels = model(x).argmax(dim=1)
-    finally:
-        model.train(was_training)
-    res = analyze(model, (x, labels), metric="trace", layers=names, seed=seed, tol=tol,
-                  max_probes=max_probes, progress=progress)
+    task = as_task(task)
+    plain = type(task) is ClassificationTask and task.loss_fn is None \
+        and task.forward_fn is None and task.metric_fn is None
+    if plain and torch.is_tensor(x):  # ZeroQ's data-free classifier: as it always was
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                labels = model(x).argmax(dim=1)
+        finally:
+            model.train(was_training)
+        res = analyze(model, (x, labels), metric="trace", layers=names, seed=seed, tol=tol,
+                      max_probes=max_probes, progress=progress)
+        label_list = labels.tolist()
+    elif isinstance(task, ClassificationTask):
+        device = next(model.parameters()).device
+        batches, found = [], []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for b in iter_batches(x, task.batch_size, "x"):
+                    b = batch_to(b, device)
+                    pred = _logits_of(task.forward(model, b)).argmax(dim=-1)
+                    found.append(pred)
+                    batches.append({**b, "labels": pred} if isinstance(b, Mapping) else
+                                   (b[0] if isinstance(b, (tuple, list)) else b, pred))
+        finally:
+            model.train(was_training)
+        res = analyze(model, _Chunks(batches), metric="trace", layers=names, seed=seed,
+                      tol=tol, max_probes=max_probes, progress=progress, task=task)
+        label_list = [v for p in found for v in p.tolist()]
+    else:
+        if task.reference is None:
+            task = task.bind(model)
+        res = analyze(model, x, metric="trace", layers=names, seed=seed, tol=tol,
+                      max_probes=max_probes, progress=progress, task=task)
+        label_list = None
     errors = weight_errors(model, names, bits, config)
     omega = omega_matrix([lh.avg_trace for lh in res.layers], errors)
-    return omega, {"names": names, "labels": labels.tolist(), "hessian": res.to_dict(),
+    return omega, {"names": names, "labels": label_list, "hessian": res.to_dict(),
                    "weight_errors": errors.tolist()}
+
+
+class _Chunks:
+    """Batches in memory, handed to :func:`hawq.hessian.analyze` as an iterable of batches."""
+
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def gaussian_data(shape: Sequence[int], n: int, seed: int = 0) -> torch.Tensor:
     """(n, *shape) standard-normal inputs from a private seeded generator (the noise baseline)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((n, *shape), generator=gen)
-
-
-# ----------------------------------------------------------------------------- pipeline
-
-@dataclass
-class ZeroQConfig:
-    """Options of :func:`zeroq` (all JSON-serialisable).
-
-    Size target: one of ``target_compression`` (weights vs FP32; default 8), ``target_avg_bits``,
-    ``target_bytes``, ``target_fraction``; or ``w_bits`` for uniform quantization (no
-    sensitivity or allocation). ``bops_limit`` (G BOPs) and ``latency_table``/``latency_limit``
-    need ``allocator='ilp'`` (as in :class:`hawq.pipeline.CompressConfig`). ``data_source`` picks the inputs for sensitivity and
-    calibration: ``"distilled"`` (zero-shot, the default), ``"real"`` (``calib_samples``
-    training images) or ``"noise"`` (``calib_samples`` N(0, 1) inputs) for comparisons.
-    ``distill_label_weight`` (default 10) adds a cross-entropy term toward round-robin class
-    labels to ZeroQ's BN loss (see :func:`hawq.distill.distill_data`); 0 is ZeroQ's own loss.
-    ``evaluate`` measures FP32 and quantized accuracy on the real test set (report only).
-    """
-
-    model: str = "resnet20"
-    data_dir: str | None = None
-    bits: tuple[int, ...] = (2, 4, 8)
-    a_bits: int = 8
-    w_bits: int | None = None
-    target_compression: float | None = None
-    target_avg_bits: float | None = None
-    target_bytes: float | None = None
-    target_fraction: float | None = None
-    bops_limit: float | None = None
-    latency_table: str | None = None
-    latency_limit: float | None = None
-    pin_first_last: int | None = None
-    sensitivity: str = "kl"
-    allocator: str = "frontier"
-    data_source: str = "distilled"
-    distill_batch: int = 32
-    distill_iters: int = 500
-    distill_lr: float = 0.5
-    distill_init: str = "uniform"
-    distill_label_weight: float = 10.0
-    input_shape: tuple[int, ...] | None = None
-    calib_samples: int = 512
-    hessian_max_probes: int = 50
-    hessian_tol: float = 1e-2
-    w_clip: str = "minmax"
-    a_calibration: str = "minmax"
-    evaluate: bool = True
-    test_samples: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.sensitivity not in SENSITIVITIES:
-            raise ConfigError(f"sensitivity={self.sensitivity!r}: use one of {SENSITIVITIES}")
-        if self.allocator not in ("frontier", "ilp"):
-            raise ConfigError(f"allocator={self.allocator!r}: use 'frontier' (ZeroQ's Pareto "
-                              "frontier) or 'ilp'")
-        if self.data_source not in DATA_SOURCES:
-            raise ConfigError(f"data_source={self.data_source!r}: use one of {DATA_SOURCES}")
-        self.bits = tuple(sorted(set(int(b) for b in self.bits)))
-        if not self.bits:
-            raise ConfigError("bits is empty: give candidate weight bit widths, e.g. (2, 4, 8)")
-        for b in self.bits:
-            check_bits(b, "bits", symmetric=True)
-        check_bits(self.a_bits, "a_bits")
-        if self.w_bits is not None:
-            check_bits(self.w_bits, "w_bits", symmetric=True)
-        if self.input_shape is not None:
-            self.input_shape = tuple(int(s) for s in self.input_shape)
-        targets = [t for t in (self.target_compression, self.target_avg_bits, self.target_bytes,
-                               self.target_fraction) if t is not None]
-        if len(targets) > 1:
-            raise ConfigError("give one size target: target_compression, target_avg_bits, "
-                              "target_bytes or target_fraction")
-        if targets and self.w_bits is not None:
-            raise ConfigError("w_bits (uniform quantization) and a size target exclude each "
-                              "other: give one")
-        if self.w_bits is not None and (self.bops_limit is not None
-                                        or self.latency_limit is not None):
-            raise ConfigError("w_bits (uniform quantization) cannot take bops_limit/"
-                              "latency_limit: drop w_bits to allocate under those limits")
-        if (self.bops_limit is not None or self.latency_limit is not None) \
-                and self.allocator != "ilp":
-            raise ConfigError("bops_limit/latency_limit need allocator='ilp'")
-        if not targets and self.w_bits is None and self.bops_limit is None \
-                and self.latency_limit is None:
-            self.target_compression = 8.0
-        for name in ("distill_batch", "calib_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name}={v!r}: give an integer >= 1")
-
-    def compress_config(self):
-        """The :class:`hawq.pipeline.CompressConfig` carrying this budget (for allocate_plan)."""
-        from hawq.pipeline import CompressConfig
-
-        return CompressConfig(model=self.model, allocator=self.allocator, bits=self.bits,
-                              a_bits=self.a_bits, target_compression=self.target_compression,
-                              target_avg_bits=self.target_avg_bits,
-                              target_bytes=self.target_bytes,
-                              target_fraction=self.target_fraction,
-                              bops_limit=self.bops_limit, latency_table=self.latency_table,
-                              latency_limit=self.latency_limit,
-                              pin_first_last=self.pin_first_last, seed=self.seed)
-
-
-@dataclass
-class ZeroQResult:
-    """What :func:`zeroq` did and measured; ``to_dict`` is what ``metrics.json`` holds.
-
-    Accuracies are fractions on the real test set (None with ``evaluate=False``); ``distill`` is
-    :meth:`hawq.distill.DistillResult.to_dict` (None when ``data_source`` is not distilled);
-    ``allocation`` is None for uniform ``w_bits``; ``seconds`` splits the wall time.
-    """
-
-    config: dict[str, Any]
-    plan: dict[str, Any]
-    layers: list[dict[str, Any]]
-    allocation: dict[str, Any] | None
-    fp32_accuracy: float | None
-    accuracy: float | None
-    budget: dict[str, Any]
-    distill: dict[str, Any] | None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _source_data(cfg: ZeroQConfig, model: nn.Module, shape: tuple[int, ...], dataset: str,
-                 progress: bool):
-    """(inputs, DistillResult or None) for cfg.data_source."""
-    if cfg.data_source == "distilled":
-        from hawq.distill import distill_data
-
-        res = distill_data(model, shape, batch_size=cfg.distill_batch,
-                           iterations=cfg.distill_iters, lr=cfg.distill_lr, seed=cfg.seed,
-                           init=cfg.distill_init, label_weight=cfg.distill_label_weight,
-                           progress=progress)
-        return res.data, res
-    if cfg.data_source == "noise":
-        return gaussian_data(shape, cfg.calib_samples, cfg.seed), None
-    from hawq.data import load_dataset
-
-    return load_dataset(dataset, "train", cfg.data_dir, cfg.calib_samples).tensors[0], None
-
-
-def zeroq(config: ZeroQConfig | None = None, out_dir: str | Path | None = None,
-          progress: bool = False, **overrides: Any) -> ZeroQResult:
-    """Zero-shot quantization of ``config.model``: distil, measure sensitivity, allocate bits,
-    quantize, calibrate on distilled data, evaluate on real test data (report only).
-
-    ``config`` (or keyword ``overrides`` of :class:`ZeroQConfig` fields) says what to do; given
-    ``out_dir``, writes ``plan.json``, ``metrics.json``, ``sensitivity.json``, ``frontier.png``,
-    ``layers.png`` and ``distill.png`` atomically. Returns a :class:`ZeroQResult`.
-    Cost: distillation (``distill_iters`` forward+backward passes on ``distill_batch`` inputs),
-    the sensitivity (KL: 1 + L*B forwards on them; Hessian: <= max_probes HVPs), one calibration
-    forward, and two passes over the test set when ``evaluate``.
-    """
-    import hawq
-    from hawq.data import load_dataset
-    from hawq.models import build_model, get_spec
-    from hawq.pipeline import allocate_plan
-
-    if config is None:
-        config = ZeroQConfig(**overrides)
-    elif overrides:
-        config = ZeroQConfig(**{**asdict(config), **overrides})
-    cfg = config
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    spec = get_spec(cfg.model)
-    model = build_model(cfg.model, pretrained=True, data_dir=cfg.data_dir)
-    shape = cfg.input_shape or spec.input_shape
-    if not shape:
-        from hawq.distill import infer_input_shape
-
-        shape = infer_input_shape(model)
-    shape = tuple(int(s) for s in shape)
-    infos = hawq.layers(model, torch.zeros(1, *shape))
-    names = [i.name for i in infos]
-    params = np.array([i.params for i in infos], dtype=float)
-    macs = np.array([i.macs for i in infos], dtype=float)
-    quant = QuantConfig(w_clip=cfg.w_clip, a_calibration=cfg.a_calibration)
-    ccfg = cfg.compress_config()
-    if cfg.w_bits is None:  # fail fast on an impossible budget, before any distillation
-        allocate_plan(ccfg, names, params, macs, np.zeros((len(names), len(cfg.bits))), {})
-    times["setup"] = time.perf_counter() - t0
-
-    test = None
-    fp32 = None
-    if cfg.evaluate:
-        t0 = time.perf_counter()
-        test = load_dataset(spec.dataset, "test", cfg.data_dir, cfg.test_samples)
-        fp32 = hawq.evaluate(model, test, progress=progress).accuracy
-        times["fp32_eval"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    data, dres = _source_data(cfg, model, shape, spec.dataset, progress)
-    times["distill" if cfg.data_source == "distilled" else "data"] = time.perf_counter() - t0
-
-    stats: dict[str, Any] = {"names": names, "bits": list(cfg.bits),
-                             "sensitivity": cfg.sensitivity, "data_source": cfg.data_source}
-    omega = None
-    alloc = None
-    if cfg.w_bits is None:
-        t0 = time.perf_counter()
-        if cfg.sensitivity == "kl":
-            omega = kl_sensitivity(model, data, names, cfg.bits, quant, progress=progress)
-        else:
-            omega, hs = hessian_sensitivity(model, data, names, cfg.bits, quant, seed=cfg.seed,
-                                            max_probes=cfg.hessian_max_probes,
-                                            tol=cfg.hessian_tol, progress=progress)
-            stats.update(hs)
-        stats["omega"] = omega.tolist()
-        times["sensitivity"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        alloc = allocate_plan(ccfg, names, params, macs, omega, stats)
-        times["allocation"] = time.perf_counter() - t0
-        chosen = [int(b) for b in alloc.bits]
-    else:
-        chosen = [cfg.w_bits] * len(names)
-    plan = BitPlan({n: LayerSpec(b, cfg.a_bits) for n, b in zip(names, chosen)})
-
-    t0 = time.perf_counter()
-    hawq.quantize_(model, plan, quant)
-    hawq.calibrate_(model, data)
-    times["quantize_calibrate"] = time.perf_counter() - t0
-    acc = None
-    if cfg.evaluate:
-        t0 = time.perf_counter()
-        acc = hawq.evaluate(model, test, progress=progress).accuracy
-        times["eval"] = time.perf_counter() - t0
-    budget = hawq.budget_report(infos, plan, hawq.count_params(model))
-    times["total"] = sum(times.values())
-
-    rows = []
-    for i, info in enumerate(infos):
-        rows.append({"name": info.name, "type": info.type, "params": info.params,
-                     "macs": info.macs, "w_bits": chosen[i], "a_bits": cfg.a_bits,
-                     "omega": None if omega is None else [float(v) for v in omega[i]]})
-    cdict = asdict(cfg)
-    cdict["input_shape"] = list(shape)
-    result = ZeroQResult(config=cdict, plan=plan.to_dict(), layers=rows,
-                         allocation=None if alloc is None else alloc.to_dict(),
-                         fp32_accuracy=fp32, accuracy=acc, budget=budget.to_dict(),
-                         distill=None if dres is None else dres.to_dict(), seconds=times)
-    if out_dir is not None:
-        write_outputs(Path(out_dir), result, stats, omega, params, names)
-    return result
-
-
-def write_outputs(out: Path, result: ZeroQResult, stats: dict[str, Any],
-                  omega: np.ndarray | None, params: np.ndarray, names: list[str]) -> None:
-    """Write plan.json, metrics.json, sensitivity.json and the plots into ``out`` (atomically;
-    a plot that fails is logged and skipped, never losing the JSON)."""
-    from hawq.io import write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    BitPlan.from_dict(result.plan).to_json(out / "plan.json")
-    write_json(out / "sensitivity.json", stats)
-    write_json(out / "metrics.json", result.to_dict())
-    try:
-        if omega is not None:
-            from hawq.allocation import Allocation, pareto_frontier, uniform_points
-            from hawq.plots import plot_frontier, plot_layer_bits
-
-            bits = np.array(result.config["bits"])
-            front = pareto_frontier(omega, params, bits, max_points=20000)
-            plot_frontier(front, out / "frontier.png", chosen=Allocation(**result.allocation),
-                          uniform=uniform_points(omega, params, bits),
-                          title=f"{result.config['model']}: ZeroQ {result.config['sensitivity']}"
-                                " sensitivity vs weight size")
-            plot_layer_bits(names, [max(float(np.max(r)), 1e-12) for r in omega],
-                            [r["w_bits"] for r in result.layers], out / "layers.png",
-                            title=f"{result.config['model']}: max sensitivity and chosen bits")
-        if result.distill is not None and result.distill["losses"]:
-            _plot_distill(result.distill, out / "distill.png")
-    except Exception as exc:  # a plot must never lose the run's results
-        log.warning("plot skipped: %s", exc)
-
-
-def _plot_distill(d: dict[str, Any], path: Path) -> None:
-    from hawq.plots import _figure, _save
-
-    fig = _figure(6.0, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(np.arange(len(d["losses"])), d["losses"], color="tab:blue")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("BatchNorm-statistics loss")
-    red = d["reduction"]
-    ax.set_title(f"ZeroQ distillation: {d['initial_loss']:.3g} -> {d['final_loss']:.3g} "
-                 f"({red:.0f}x)" if math.isfinite(red) else "ZeroQ distillation")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)

@@ -1,0 +1,265 @@
+"""End to end on models hawq was not written for, handed in as objects with their own data and
+task: analyse, allocate, quantize, evaluate, export (packed round trip), report.
+
+Models: a MobileNet-like CNN (depthwise conv, GELU), an ``nn.TransformerEncoder`` classifier on
+token ids, a tiny causal LM, a sentence-embedding encoder, a model returning a dict of losses,
+and (when transformers is installed) a randomly initialised ``BertForSequenceClassification``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hawq
+from hawq.config import CompressConfig
+from hawq.errors import DataError
+from hawq.export import load_quantized, roundtrip_equal, save_quantized
+from hawq.report import write_report
+from hawq.workflow import compress
+
+FAST = dict(target_compression=8, bits=(2, 4, 8), hessian_samples=32, max_probes=6,
+            calib_samples=32, refine_samples=32, refine_candidates=4)
+
+
+class TinyMobileNet(nn.Module):
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.gelu(self.bn(self.stem(x)))
+        x = F.gelu(self.pw(self.dw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class TokenClassifier(nn.Module):
+    def __init__(self, vocab: int = 30, d: int = 16, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        return self.head(self.enc(self.emb(ids)).mean(1))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 24, d: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        h = h + torch.tanh(self.mix(torch.cumsum(h, 1) / torch.arange(1, h.shape[1] + 1)[:, None]))
+        return self.out(h)
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 24)
+        self.b = nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class LossDictNet(nn.Module):
+    """Detection-style: returns a dict of losses when called with targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(10, 16)
+        self.cls = nn.Linear(16, 3)
+        self.box = nn.Linear(16, 4)
+
+    def forward(self, x, targets):
+        h = torch.relu(self.body(x))
+        return {"loss_cls": F.cross_entropy(self.cls(h), targets["labels"]),
+                "loss_box": F.smooth_l1_loss(self.box(h), targets["boxes"])}
+
+
+def _check_run(out, model, example, res):
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metric"] == res.metric and metrics["value"] == pytest.approx(res.value)
+    assert 7.0 <= res.budget["weight_compression"] <= 8.5
+    plan = hawq.BitPlan.from_json(out / "plan.json")
+    assert set(plan.layers) == {r["name"] for r in res.layers}
+    exp = save_quantized(model, out / "model.safetensors")
+    assert exp.payload_bytes > 0
+    loaded = load_quantized(out / "model.safetensors", model=lambda: _fresh_like(model))
+    assert roundtrip_equal_any(model, loaded, example)
+    rep = write_report(out)
+    html = (out / "report.html").read_text()
+    assert res.metric in html or "accuracy" in html
+    return rep
+
+
+def _fresh_like(model):
+    import copy
+
+    return copy.deepcopy(_FRESH[type(model)])
+
+
+_FRESH: dict = {}
+
+
+def roundtrip_equal_any(model, loaded, example):
+    with torch.no_grad():
+        model.eval(), loaded.eval()
+        if isinstance(example, dict):
+            a, b = model(**example), loaded(**example)
+        elif isinstance(example, tuple):
+            a, b = model(*example), loaded(*example)
+        else:
+            return roundtrip_equal(model, loaded, example)
+    if isinstance(a, dict):
+        return all(torch.equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b)
+
+
+def _separable_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+    x[:, 0] += (y[:, None, None] - 1.5) * 0.8
+    return x, y
+
+
+def _train(model, batches, loss_fn, steps=60, lr=0.02):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for i in range(steps):
+        b = batches[i % len(batches)]
+        opt.zero_grad()
+        loss_fn(model, b).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_mobilenet_like_cnn(tmp_path):
+    torch.manual_seed(0)
+    model = TinyMobileNet()
+    _FRESH[TinyMobileNet] = TinyMobileNet()
+    x, y = _separable_images(192, 0)
+    _train(model, [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)],
+           lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    data = {"calib": (x[:64], y[:64]), "heldout": (x[64:128], y[64:128]),
+            "test": torch.utils.data.TensorDataset(x[128:], y[128:])}
+    res = compress(model, data, task="classification", config=CompressConfig(**FAST),
+                   out_dir=tmp_path)
+    assert res.metric == "accuracy" and res.fp32_accuracy > 0.5
+    assert {r["name"] for r in res.layers} == {"stem", "dw", "pw", "fc"}
+    assert res.uniform["w_bits"] == 4 and res.uniform["value"] is not None
+    _check_run(tmp_path, model, x[:2], res)
+
+
+def test_transformer_encoder_on_token_ids(tmp_path):
+    torch.manual_seed(0)
+    model = TokenClassifier()
+    _FRESH[TokenClassifier] = TokenClassifier()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 30, (96, 10), generator=g)
+    y = (ids[:, 0] % 3)
+    _train(model, [(ids[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)],
+           lambda m, b: F.cross_entropy(m(b[0]), b[1]), steps=40)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids[:64], y[:64]),
+                                         batch_size=16)
+    res = compress(model, {"calib": loader, "test": (ids[64:], y[64:])},
+                   config=CompressConfig(**FAST, refine=False), out_dir=tmp_path)
+    names = {r["name"] for r in res.layers}
+    assert any("self_attn" in n and "out_proj" not in n for n in names), names  # Q/K/V
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the run
+    _check_run(tmp_path, model, ids[:2], res)
+
+
+def test_causal_lm_with_dict_batches(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM()
+    _FRESH[TinyLM] = TinyLM()
+    ids = torch.randint(0, 24, (64, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[::3, -3:] = 0
+    data = {"calib": {"input_ids": ids[:32], "attention_mask": mask[:32]},
+            "heldout": {"input_ids": ids[32:48], "attention_mask": mask[32:48]},
+            "test": {"input_ids": ids[48:], "attention_mask": mask[48:]}}
+    res = compress(model, data, task="causal-lm", config=CompressConfig(**FAST),
+                   out_dir=tmp_path)
+    assert res.metric == "perplexity" and res.accuracy is None
+    assert 1.0 < res.value < 2 * res.fp32_value and res.fp32_value < 40  # vocab 24: ~24
+    _check_run(tmp_path, model, {"input_ids": ids[:2]}, res)
+
+
+def test_embedding_encoder_without_labels(tmp_path):
+    torch.manual_seed(0)
+    model = Encoder()
+    _FRESH[Encoder] = Encoder()
+    x = torch.randn(96, 12, generator=torch.Generator().manual_seed(3))
+    res = compress(model, {"calib": x[:48], "test": x[48:]}, task="embedding",
+                   config=CompressConfig(**FAST, refine=False), out_dir=tmp_path)
+    assert res.metric == "cosine" and res.fp32_value == pytest.approx(1.0, abs=1e-5)
+    assert 0.5 < res.value < 1.0
+    _check_run(tmp_path, model, x[:2], res)
+
+
+def test_model_returning_a_dict_of_losses(tmp_path):
+    torch.manual_seed(0)
+    model = LossDictNet()
+    _FRESH[LossDictNet] = LossDictNet()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(96, 10, generator=g)
+    targets = {"labels": torch.randint(0, 3, (96,), generator=g),
+               "boxes": torch.randn(96, 4, generator=g)}
+
+    def part(a, b):
+        return (x[a:b], {k: v[a:b] for k, v in targets.items()})
+
+    res = compress(model, {"calib": part(0, 48), "test": part(48, 96)}, task="loss-dict",
+                   config=CompressConfig(**FAST, refine=False), out_dir=tmp_path)
+    assert res.metric == "loss" and res.value > 0
+    _check_run(tmp_path, model, part(0, 2), res)
+
+
+def test_bert_for_sequence_classification(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 40, (64, 8), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": ids[:, 1] % 3}
+    calib = {k: v[:32] for k, v in batch.items()}
+    test = {k: v[32:] for k, v in batch.items()}
+    res = compress(model, {"calib": calib, "test": test},
+                   config=CompressConfig(**FAST, refine=False), out_dir=tmp_path)
+    names = {r["name"] for r in res.layers}
+    assert any("attention.self.query" in n for n in names)
+    assert res.metric == "accuracy"
+    assert (tmp_path / "metrics.json").is_file()
+    write_report(tmp_path)
+
+
+def test_data_that_does_not_fit_the_task_names_it():
+    model = TinyLM()
+    with pytest.raises(DataError, match="causal-lm"):
+        compress(model, torch.randn(8, 5), task="causal-lm", config=CompressConfig(**FAST))
+    with pytest.raises(DataError, match="classification"):
+        compress(TinyMobileNet(), torch.randn(8, 3, 16, 16), config=CompressConfig(**FAST))
+    with pytest.raises(DataError, match="classification.*expects"):
+        compress(TokenClassifier(), (torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)),
+                 config=CompressConfig(**FAST))
