@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
@@ -33,8 +32,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from hawq.errors import ConfigError, NumericalError
-from hawq.tasks import as_task
+from hawq.errors import ConfigError, DataError, NumericalError
+from hawq.tasks import as_task, logits_of
 
 __all__ = ["BNCall", "DistillResult", "bn_layers", "bn_statistics_loss", "distill_data",
            "infer_input_shape", "record_bn_inputs"]
@@ -178,15 +177,11 @@ def infer_input_shape(model: nn.Module, image_size: int = 32) -> tuple[int, ...]
 def _label_logits(out: Any, n: int) -> torch.Tensor:
     """The (N, classes) logits in a model's output (a tensor, ``.logits``, a dict's
     ``"logits"`` or a tuple's first item); :class:`ConfigError` when there are none."""
-    logits = out
-    if not torch.is_tensor(logits):
-        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if not torch.is_tensor(logits) and isinstance(out, (tuple, list)) and out \
-            and torch.is_tensor(out[0]):
-        logits = out[0]
-    if not torch.is_tensor(logits):
+    try:
+        logits = logits_of(out, "label_weight")
+    except DataError:
         raise ConfigError(f"label_weight needs (N, classes) logits; the model returns a "
-                          f"{type(out).__name__}: use label_weight=0 (ZeroQ's loss)")
+                          f"{type(out).__name__}: use label_weight=0 (ZeroQ's loss)") from None
     if logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < 2 \
             or not logits.is_floating_point():
         raise ConfigError(f"label_weight needs (N={n}, classes >= 2) float logits; the model "

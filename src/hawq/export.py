@@ -46,9 +46,9 @@ from hawq.qmodules import TWINS, QuantMixin, layer_bias, layer_weight, layer_wei
 from hawq.quantizers import QParams, dequantize, int_range, quantize
 
 __all__ = ["ENCODING", "ExportResult", "FORMAT", "FORMAT_VERSION", "PackedWeightMixin",
-           "accounted_size", "load_quantized", "manifest_path_for", "pack_bits", "packed_class",
-           "quantized_from_plan", "read_manifest", "roundtrip_equal", "row_nbytes",
-           "save_quantized", "size_check", "unpack_bits"]
+           "accounted_size", "calibration_split", "load_quantized", "manifest_path_for",
+           "pack_bits", "packed_class", "quantized_from_plan", "read_manifest", "roundtrip_equal",
+           "row_nbytes", "save_quantized", "size_check", "unpack_bits"]
 
 FORMAT = "hawq-packed"
 FORMAT_VERSION = 1
@@ -571,23 +571,65 @@ def roundtrip_equal(model: nn.Module, loaded: nn.Module, x: torch.Tensor) -> boo
             model.train(was[0]), loaded.train(was[1])
 
 
-def quantized_from_plan(model_name: str, plan: BitPlan, *, data_dir: str | None = None,
-                        w_clip: str = "minmax", calib_samples: int = 512,
-                        hessian_samples: int = 256, seed: int = 0,
-                        bias_correct: bool = False) -> nn.Module:
-    """Build ``model_name`` pretrained, quantize it with ``plan`` and calibrate its activations
-    the way :func:`hawq.pipeline.compress` does (same data, same order), so exporting a run's
-    plan reproduces the run's model. Cost: one calibration pass over ``calib_samples``."""
+def calibration_split(data: Any) -> Any:
+    """The calibration data of ``data`` the way :func:`hawq.workflow.compress` reads it: the
+    ``calib`` (or ``train``) entry of a dict with split keys (``calib``/``heldout``/``test``),
+    else ``data`` itself. Raises DataError for a split dict without calibration data."""
+    from collections.abc import Mapping
+
+    if isinstance(data, Mapping) and set(data) & {"calib", "heldout", "test", "train"}:
+        calib = data.get("calib", data.get("train"))
+        if calib is None:
+            raise DataError("data needs 'calib' (calibration data): give {'calib': ..., "
+                            "'heldout': ..., 'test': ...}")
+        return calib
+    return data
+
+
+def quantized_from_plan(model_name: str | nn.Module, plan: BitPlan, *,
+                        data_dir: str | None = None, w_clip: str = "minmax",
+                        calib_samples: int = 512, hessian_samples: int = 256, seed: int = 0,
+                        bias_correct: bool = False, data: Any = None,
+                        task: Any = None) -> nn.Module:
+    """The model a compress run produced, rebuilt from its plan: quantize with ``plan`` and
+    calibrate the activations the way :func:`hawq.workflow.compress` does (same data, same
+    order, same task), so exporting a run's plan reproduces the run's model.
+
+    ``model_name``: a built-in name (built pretrained) or your float ``nn.Module`` (quantized
+    in place and returned). ``data`` None: the built-in model's dataset (the first
+    max(calib_samples, hessian_samples) training samples); else your data (any form
+    :func:`hawq.tasks.iter_batches` reads, or ``{'calib': ..., 'heldout': ..., 'test': ...}``
+    whose calibration split is used), fed by ``task`` (a Task, a registered name or a loss
+    callable; default classification), bound to the float model first. Raises ConfigError when
+    an ``nn.Module`` comes without data. Cost: one calibration pass over ``calib_samples``
+    (two, plus the correction's passes, with ``bias_correct``)."""
     from hawq.biascorr import quantize_calibrate_
-    from hawq.data import load_dataset
-    from hawq.models import build_model, get_spec
+    from hawq.tasks import as_task
 
     torch.manual_seed(seed)
-    spec = get_spec(model_name)
-    model = build_model(model_name, pretrained=True, data_dir=data_dir)
-    calib = load_dataset(spec.dataset, "train", data_dir, max(calib_samples, hessian_samples))
-    quantize_calibrate_(model, plan, QuantConfig(w_clip=w_clip), calib, calib_samples,
-                        bias_correct)
+    if data is None:
+        if isinstance(model_name, nn.Module):
+            raise ConfigError("quantized_from_plan(model, ...) on your own model needs data=: "
+                              "the calibration data of the run (or {'calib': ..., ...})")
+        from hawq.data import load_dataset
+        from hawq.models import build_model, get_spec
+
+        spec = get_spec(model_name)
+        model = build_model(model_name, pretrained=True, data_dir=data_dir)
+        calib = load_dataset(spec.dataset, "train", data_dir, max(calib_samples, hessian_samples))
+        quantize_calibrate_(model, plan, QuantConfig(w_clip=w_clip), calib, calib_samples,
+                            bias_correct)
+        return model
+    if isinstance(model_name, nn.Module):
+        model = model_name
+    else:
+        from hawq.models import build_model
+
+        model = build_model(model_name, pretrained=True, data_dir=data_dir)
+    model.eval()
+    tk = as_task(task).bind(model)
+    quantize_calibrate_(model, plan, QuantConfig(w_clip=w_clip), calibration_split(data),
+                        calib_samples, bias_correct, task=tk)
     return model
 
 

@@ -71,8 +71,8 @@ from hawq.plan import BitPlan, LayerSpec, QuantConfig
 from hawq.qmodules import ActQuantizer, QuantMixin
 from hawq.quantizers import is_float
 from hawq.surgery import quantizable_layers, quantize_
-from hawq.tasks import (ClassificationTask, Task, as_task, batch_len, batch_to, iter_batches,
-                        materialize, split_batch)
+from hawq.tasks import (Batches, ClassificationTask, Task, as_task, batch_len, batch_to, iter_batches,
+                        leaf_tensors, logits_of, materialize, split_batch)
 
 __all__ = ["CHECKPOINT", "FinetuneConfig", "FinetuneResult", "augment_cifar", "bn_scales",
            "conv_bn_pairs", "default_blocks", "finetune", "fold_bn_", "has_soft_targets", "lr_at",
@@ -302,7 +302,7 @@ def staged_order(model: nn.Module, plan: BitPlan, data: Any, names: Sequence[str
         res = analyze(model, (x[:samples], y[:samples]), metric="eigen", layers=list(names),
                       seed=seed, progress=progress)
     else:
-        chunks = _BatchList(materialize(data, samples, "train data", limit=samples))
+        chunks = Batches(materialize(data, samples, "train data", limit=samples))
         res = analyze(model, chunks, metric="eigen", layers=list(names), seed=seed,
                       progress=progress, task=as_task(task))
     lam = {lh.name: float(lh.eigenvalue) for lh in res.layers}
@@ -316,20 +316,6 @@ def staged_order(model: nn.Module, plan: BitPlan, data: Any, names: Sequence[str
     scores = [sum(omega[n] for n in b) for b in blocks]
     order = sorted(range(len(blocks)), key=lambda i: (-scores[i], i))
     return [blocks[i] for i in order], [scores[i] for i in order]
-
-
-class _BatchList:
-    """Batches read into memory, handed on as an iterable of batches (a plain list of two
-    tensors would be read as one (inputs, targets) pair)."""
-
-    def __init__(self, batches: Sequence[Any]) -> None:
-        self.batches = list(batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def _is_plain_classification(task: Task) -> bool:
@@ -354,23 +340,6 @@ def _plain_pair(task: Task, data: Any) -> tuple[torch.Tensor, torch.Tensor] | No
     return (x, y) if len(x) == len(y) and len(x) > 0 else None
 
 
-def _leaf_tensors(obj: Any) -> list[torch.Tensor] | None:
-    """The tensors of a nested tuple/list/dict structure, or None when something else is in it."""
-    if torch.is_tensor(obj):
-        return [obj]
-    items = obj.values() if isinstance(obj, Mapping) else (
-        obj if isinstance(obj, (tuple, list)) else None)
-    if items is None or not len(obj):
-        return None
-    out: list[torch.Tensor] = []
-    for v in items:
-        sub = _leaf_tensors(v)
-        if sub is None:
-            return None
-        out.extend(sub)
-    return out
-
-
 def _whole(data: Any, who: str) -> Any:
     """``data`` as one in-memory structure (a tensor, a tuple of tensors or dicts of tensors such
     as ``(inputs, labels)`` or ``(images, {"boxes": ..., "labels": ...})``, a dict of tensors;
@@ -385,18 +354,18 @@ def _whole(data: Any, who: str) -> Any:
         whole = tuple(tensors)
     elif (isinstance(data, Mapping) and data) or (isinstance(data, tuple)
                                                   and 1 <= len(data) <= 3):
-        if _leaf_tensors(data) is None:
+        if leaf_tensors(data) is None:
             return None
         whole = dict(data) if isinstance(data, Mapping) else data
     elif isinstance(data, list) and len(data) == 2:
-        leaves = _leaf_tensors(data)  # [inputs, labels]; two batches of other sizes are batches
+        leaves = leaf_tensors(data)  # [inputs, labels]; two batches of other sizes are batches
         if leaves is None or any(t.dim() == 0 for t in leaves) \
                 or len({int(t.shape[0]) for t in leaves}) != 1:
             return None
         whole = tuple(data)
     else:
         return None
-    lens = [int(t.shape[0]) if t.dim() else None for t in _leaf_tensors(whole)]
+    lens = [int(t.shape[0]) if t.dim() else None for t in leaf_tensors(whole)]
     if None in lens or len(set(lens)) != 1:
         raise DataError(f"{who} has tensors of {lens} samples; every tensor needs the same "
                         "number of samples (first dimension)")
@@ -417,19 +386,6 @@ def _take(data: Any, idx: torch.Tensor, n: int) -> Any:
     if isinstance(data, list):
         return [_take(v, idx, n) for v in data]
     return data
-
-
-def _logit_tensor(out: Any) -> torch.Tensor:
-    """The logits in a model's output: itself, ``.logits``, a dict's ``"logits"`` or a tuple's
-    first tensor; :class:`DataError` otherwise."""
-    if torch.is_tensor(out):
-        return out
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
-        return out[0]
-    raise DataError(f"distillation needs logits; the model returned a {type(out).__name__}")
 
 
 def has_soft_targets(task: Task) -> bool:
@@ -504,7 +460,7 @@ def _kd_term(out: Any, t_out: Any, batch: Any, t: float) -> torch.Tensor:
     ``t_out``: temperature-scaled KL of the softmaxes over the last dimension, averaged over
     samples ((N, K) logits) or over positions ((N, S, V) token logits; positions with
     ``attention_mask == 0`` left out)."""
-    s, te = _logit_tensor(out), _logit_tensor(t_out)
+    s, te = _logits_for_distill(out), _logits_for_distill(t_out)
     if s.dim() > 2:
         k = s.shape[-1]
         s, te = s.reshape(-1, k), te.reshape(-1, k)
@@ -805,3 +761,7 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
     result.steps = step
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _logits_for_distill(out: Any) -> torch.Tensor:
+    return logits_of(out, "distillation")

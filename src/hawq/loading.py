@@ -22,13 +22,15 @@ import torch.nn as nn
 
 from hawq.errors import ConfigError, HawqError
 
-__all__ = ["DATA_KEYS", "SETUP_KEYS", "Setup", "call_factory", "load_object", "resolve_object",
-           "unpack_data", "unpack_setup"]
+__all__ = ["DATA_KEYS", "DEFAULT_TASK", "SETUP_KEYS", "Setup", "call_factory", "load_object",
+           "load_setup", "resolve_object", "settle_task", "unpack_data", "unpack_setup"]
 
 #: Keys of a data dict: calibration, held-out (refinement / reward) and test data.
 DATA_KEYS = ("calib", "heldout", "test")
 #: Keys a model factory's dict may hold.
 SETUP_KEYS = ("model", "task", "data", *DATA_KEYS)
+#: The task used when neither ``--task`` nor the model factory names one.
+DEFAULT_TASK = "classification"
 
 _FORM = "'package.module:factory' or 'path/to/file.py:factory'"
 
@@ -215,3 +217,32 @@ def unpack_setup(obj: Any, what: str = "model factory") -> Setup:
         raise ConfigError(f"{what} returned a model of type {type(model).__name__}: the model "
                           "must be a torch.nn.Module")
     return Setup(model=model, task=obj.get("task"), data=data)
+
+
+def settle_task(given: Any, from_factory: Any, default: str = DEFAULT_TASK) -> Any:
+    """The task a run uses: ``given`` (``--task``, a config's ``task``) when it names another
+    task than ``default`` or the factory named none; else the factory's task. ``--task
+    classification`` (the default) thus never overrides a factory's own task."""
+    if given is not None and (given != default or from_factory is None):
+        return given
+    return from_factory if from_factory is not None else default
+
+
+def load_setup(model_spec: str, data_spec: str | None = None, task: Any = None,
+               default_task: str = DEFAULT_TASK) -> Setup:
+    """The user's model, task and data named by specs, as the CLI reads them: ``model_spec``
+    (``"pkg.module:factory"`` / ``"path/to/file.py:factory"``) is called and read by
+    :func:`unpack_setup`; ``data_spec`` (optional) is called and read by :func:`unpack_data` and
+    replaces the data the model factory returned; the task is :func:`settle_task` of ``task``
+    and the factory's. Returns a :class:`Setup` whose model is in eval mode. Raises
+    :class:`ConfigError` (one line, what to do) for unusable specs or a factory that returns no
+    model. Cost: the imports and the factories' own (each factory is called once)."""
+    setup = unpack_setup(load_object(model_spec, "model"), f"model {model_spec!r}")
+    if setup.model is None:
+        raise ConfigError(f"model {model_spec!r} returned no model: return an nn.Module, "
+                          "(model, task[, data]) or a dict with 'model'")
+    setup.model.eval()
+    if data_spec:
+        setup.data = unpack_data(load_object(data_spec, "data"), f"data {data_spec!r}")
+    setup.task = settle_task(task, setup.task, default_task)
+    return setup

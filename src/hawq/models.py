@@ -197,6 +197,10 @@ def _user_spec(name: str) -> ModelSpec:
                 else factory
         except Exception as e:
             raise ConfigError(f"model {name!r} raised {type(e).__name__}: {e}") from e
+        if isinstance(model, dict):  # {"model": ..., "task": ..., "data": ...}
+            model = model.get("model")
+        elif isinstance(model, tuple) and model:  # (model, task[, data])
+            model = model[0]
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model {name!r} returned a {type(model).__name__}: return an "
                               "nn.Module")

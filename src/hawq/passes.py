@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from hawq.errors import DataError, NumericalError
-from hawq.tasks import (Task, as_task, batch_len, batch_to, iter_batches, materialize,
+from hawq.tasks import (Batches, Task, as_task, batch_len, batch_to, iter_batches, materialize,
                         split_batch)
 
 __all__ = ["Batches", "StopForward", "as_inputs", "as_pair", "hooked", "mean_task_loss",
@@ -69,27 +69,6 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
-
-
-class Batches:
-    """Batches already read into memory (:func:`read_batches`), in order. Iterating gives them
-    as they are; :func:`hawq.tasks.iter_batches` reads a ``Batches`` as an iterable of batches
-    (never as one ``(inputs, targets)`` pair, which a plain list of two tensors would be), so
-    it can be handed to any pass again without re-reading or re-splitting the data."""
-
-    def __init__(self, batches: Iterable[Any]) -> None:
-        self.batches = list(batches)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    @property
-    def samples(self) -> int:
-        """Number of samples over all batches."""
-        return sum(batch_len(b) for b in self.batches)
 
 
 def read_batches(data: Any, batch_size: int = 256, who: str = "data",

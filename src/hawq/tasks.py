@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +44,8 @@ from hawq.errors import ConfigError, DataError, NumericalError
 from hawq.registry import Registry
 
 __all__ = [
-    "TASKS", "Task", "TaskOutputs", "as_task", "criterion_reduction", "criterion_task", "batch_len", "batch_to", "custom_task",
-    "iter_batches", "materialize", "register_task", "resolve_task", "split_batch", "task_names",
+    "Batches", "TASKS", "Task", "TaskOutputs", "as_task", "criterion_reduction", "criterion_task", "batch_len", "batch_to", "custom_task",
+    "iter_batches", "leaf_tensors", "logits_of", "materialize", "register_task", "resolve_task", "split_batch", "task_names",
 ]
 
 Batch = Any
@@ -55,6 +55,27 @@ Batch = Any
 
 def _leading(t: Any) -> int | None:
     return int(t.shape[0]) if torch.is_tensor(t) and t.dim() > 0 else None
+
+
+class Batches:
+    """Batches already read into memory (e.g. :func:`hawq.passes.read_batches`), in order. Iterating gives them
+    as they are; :func:`hawq.tasks.iter_batches` reads a ``Batches`` as an iterable of batches
+    (never as one ``(inputs, targets)`` pair, which a plain list of two tensors would be), so
+    it can be handed to any pass again without re-reading or re-splitting the data."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def samples(self) -> int:
+        """Number of samples over all batches."""
+        return sum(batch_len(b) for b in self.batches)
 
 
 def batch_len(batch: Batch) -> int:
@@ -126,7 +147,7 @@ def _check_same_length(parts: Sequence[Any], who: str) -> int:
     return lens[0]
 
 
-def _leaves(obj: Any) -> list[Any] | None:
+def leaf_tensors(obj: Any) -> list[Any] | None:
     """The tensors of a nested tuple/list/dict structure, or None when something else is in it."""
     if torch.is_tensor(obj):
         return [obj]
@@ -136,7 +157,7 @@ def _leaves(obj: Any) -> list[Any] | None:
         return None
     out: list[Any] = []
     for v in items:
-        sub = _leaves(v)
+        sub = leaf_tensors(v)
         if sub is None:
             return None
         out.extend(sub)
@@ -156,7 +177,7 @@ def _is_whole(data: Any) -> bool:
         return False  # a tuple of batches
     if isinstance(data, Mapping) or (isinstance(data, tuple) and 1 <= len(data) <= 3) or (
             isinstance(data, list) and len(data) == 2):
-        leaves = _leaves(data)
+        leaves = leaf_tensors(data)
         if not leaves:
             return False
         return len({_leading(t) for t in leaves}) == 1 and _leading(leaves[0]) is not None
@@ -189,7 +210,7 @@ def iter_batches(data: Any, batch_size: int = 256, who: str = "data",
             data = tuple(data.tensors)
         if isinstance(data, list):
             data = tuple(data)
-        parts = _leaves(data) or []
+        parts = leaf_tensors(data) or []
         n = _check_same_length(parts, who)
         n = n if limit is None else min(n, limit)
         for s in range(0, n, batch_size):
@@ -239,17 +260,17 @@ def materialize(data: Any, batch_size: int = 256, who: str = "data",
 
 # ----------------------------------------------------------------------------- tasks
 
-def _logits(out: Any) -> torch.Tensor:
+def logits_of(out: Any, who: str = "the task") -> torch.Tensor:
+    """The logits in a model's output: itself when a tensor, ``.logits`` (or a dict's
+    ``"logits"``), else a tuple's first tensor; :class:`DataError` naming ``who`` otherwise."""
     if torch.is_tensor(out):
         return out
-    logits = getattr(out, "logits", None)
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if torch.is_tensor(logits):
         return logits
-    if isinstance(out, Mapping) and torch.is_tensor(out.get("logits")):
-        return out["logits"]
     if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
         return out[0]
-    raise DataError(f"the model returned a {type(out).__name__}; the task needs logits: a "
+    raise DataError(f"the model returned a {type(out).__name__}; {who} needs logits: a "
                     "tensor, a tuple whose first item is the logits, or an output with .logits")
 
 
@@ -432,14 +453,14 @@ class ClassificationTask(Task):
         if y is None:
             raise DataError(f"task 'classification' needs labels: give (inputs, labels) pairs or "
                             f"dicts with 'labels'; got {_describe(batch)}")
-        logits = _logits(output)
+        logits = logits_of(output)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def metric_sums(self, output: Any, batch: Batch) -> tuple[float, int]:
         if self.metric_fn is not None:
             return self.metric_fn(output, batch)
         y = self.targets(batch)
-        pred = _logits(output).argmax(-1)
+        pred = logits_of(output).argmax(-1)
         return float((pred == y).sum()), int(y.numel())
 
 
@@ -471,7 +492,7 @@ class CausalLMTask(Task):
         return batch
 
     def _token_ce(self, output: Any, batch: Batch, reduction: str) -> torch.Tensor:
-        logits = _logits(output)
+        logits = logits_of(output)
         labels = self._labels(batch)
         if logits.dim() != 3 or labels.dim() != 2:
             raise DataError(f"task 'causal-lm' needs logits (batch, seq, vocab) and token ids "

@@ -433,12 +433,22 @@ def _allocate_step(cfg: CompressConfig, limits: dict[str, Any], progress: bool):
     return step
 
 
-def _as_config(cls: type, config: Any, overrides: dict[str, Any]) -> Any:
+def _job(model: Any, cls: type, config: Any, overrides: dict[str, Any]) -> tuple[Any, Any]:
+    """(model or None, config) of a workflow call: ``model`` may be the config itself (the old
+    ``compress(cfg)`` form) or a built-in model's name; keyword ``overrides`` replace config
+    fields. Seeds torch's global RNG with the config's seed."""
+    if isinstance(model, cls):
+        model, config = None, model
+    if isinstance(model, str):  # a built-in name
+        model, overrides = None, {**overrides, "model": model}
     if config is None:
-        return cls(**overrides)
-    if not isinstance(config, cls):
+        cfg = cls(**overrides)
+    elif not isinstance(config, cls):
         raise ConfigError(f"config is a {type(config).__name__}: give a {cls.__name__}")
-    return cls(**{**asdict(config), **overrides}) if overrides else config
+    else:
+        cfg = cls(**{**asdict(config), **overrides}) if overrides else config
+    torch.manual_seed(cfg.seed)
+    return model, cfg
 
 
 def compress(model: nn.Module | CompressConfig | None = None, data: Any = None, *,
@@ -461,12 +471,7 @@ def compress(model: nn.Module | CompressConfig | None = None, data: Any = None, 
     (:func:`hawq.sensitivities.sensitivity_costs`), refinement for low-bit hybrid plans, one
     calibration pass, and with ``compare_uniform`` one more calibration + test pass.
     """
-    if isinstance(model, CompressConfig):
-        model, config = None, model
-    if isinstance(model, str):  # a built-in name
-        model, overrides = None, {**overrides, "model": model}
-    cfg = _as_config(CompressConfig, config, overrides)
-    torch.manual_seed(cfg.seed)
+    model, cfg = _job(model, CompressConfig, config, overrides)
     if cfg.allocator in CHANNELWISE_ALLOCATORS:
         return _compress_channelwise(model, data, task, cfg, out_dir, progress)
     extra = cfg.refine_samples if refine_wanted(cfg) else 0
@@ -573,12 +578,7 @@ def zeroq(model: nn.Module | ZeroQConfig | None = None, data: Any = None, *,
     from hawq.config import DATA_SOURCES
     from hawq.zeroq import gaussian_data, hessian_sensitivity, kl_sensitivity
 
-    if isinstance(model, ZeroQConfig):
-        model, config = None, model
-    if isinstance(model, str):  # a built-in name
-        model, overrides = None, {**overrides, "model": model}
-    cfg = _as_config(ZeroQConfig, config, overrides)
-    torch.manual_seed(cfg.seed)
+    model, cfg = _job(model, ZeroQConfig, config, overrides)
     t0 = time.perf_counter()
     if model is None:
         spec = get_spec(cfg.model)

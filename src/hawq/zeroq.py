@@ -29,11 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hawq.errors import ConfigError, DataError, NumericalError
+from hawq.errors import ConfigError, NumericalError
 from hawq.plan import QuantConfig
 from hawq.quantizers import check_bits, fake_quantize, weight_qparams
 from hawq.surgery import quantizable_layers
-from hawq.tasks import ClassificationTask, Task, as_task, batch_len, batch_to, iter_batches
+from hawq.tasks import (Batches, ClassificationTask, Task, as_task, batch_len, batch_to,
+                        iter_batches, logits_of)
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +69,10 @@ class _TaskCall(nn.Module):
         return self.task.forward(self.model, batch)
 
 
-def _logits_of(out: Any) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
-        return out[0]
-    raise DataError(f"the model returned a {type(out).__name__}; the KL sensitivity needs logits "
-                    "(a tensor, an output with .logits or a tuple whose first item is them)")
-
-
 def _log_probs(out: Any, tokens: bool) -> torch.Tensor:
     """Log-softmax of a model's logits in float64: (N, K) over the flattened output per sample
     (a classifier), or (N, P, K) over the last dimension per position (``tokens``)."""
-    z = _logits_of(out).double()
+    z = _kl_logits(out).double()
     if tokens and z.dim() > 2:
         return F.log_softmax(z, dim=-1).reshape(z.shape[0], -1, z.shape[-1])
     return F.log_softmax(z.flatten(1), dim=1)
@@ -226,13 +215,13 @@ def hessian_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None = 
             with torch.no_grad():
                 for b in iter_batches(x, task.batch_size, "x"):
                     b = batch_to(b, device)
-                    pred = _logits_of(task.forward(model, b)).argmax(dim=-1)
+                    pred = _kl_logits(task.forward(model, b)).argmax(dim=-1)
                     found.append(pred)
                     batches.append({**b, "labels": pred} if isinstance(b, Mapping) else
                                    (b[0] if isinstance(b, (tuple, list)) else b, pred))
         finally:
             model.train(was_training)
-        res = analyze(model, _Chunks(batches), metric="trace", layers=names, seed=seed,
+        res = analyze(model, Batches(batches), metric="trace", layers=names, seed=seed,
                       tol=tol, max_probes=max_probes, progress=progress, task=task)
         label_list = [v for p in found for v in p.tolist()]
     else:
@@ -247,20 +236,11 @@ def hessian_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None = 
                    "weight_errors": errors.tolist()}
 
 
-class _Chunks:
-    """Batches in memory, handed to :func:`hawq.hessian.analyze` as an iterable of batches."""
-
-    def __init__(self, batches: Sequence[Any]) -> None:
-        self.batches = list(batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def gaussian_data(shape: Sequence[int], n: int, seed: int = 0) -> torch.Tensor:
     """(n, *shape) standard-normal inputs from a private seeded generator (the noise baseline)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((n, *shape), generator=gen)
+
+
+def _kl_logits(out: Any) -> torch.Tensor:
+    return logits_of(out, "the KL sensitivity")
