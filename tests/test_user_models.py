@@ -263,3 +263,54 @@ def test_data_that_does_not_fit_the_task_names_it():
     with pytest.raises(DataError, match="classification.*expects"):
         compress(TokenClassifier(), (torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)),
                  config=CompressConfig(**FAST))
+
+
+def test_a_module_inside_the_config_is_refused_with_the_right_call():
+    with pytest.raises(hawq.ConfigError, match=r"hawq.compress\(model, data"):
+        CompressConfig(model=TinyMobileNet())
+    with pytest.raises(DataError, match="needs data"):
+        compress(TinyMobileNet())
+
+
+_TRAINED: dict = {}
+
+
+def _cnn_and_data():
+    """A trained TinyMobileNet (trained once, then copied) and its images."""
+    import copy
+
+    x, y = _separable_images(160, 7)
+    if "cnn" not in _TRAINED:
+        torch.manual_seed(0)
+        model = TinyMobileNet()
+        _train(model, [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)],
+               lambda m, b: F.cross_entropy(m(b[0]), b[1]), steps=40)
+        _TRAINED["cnn"] = model
+    return copy.deepcopy(_TRAINED["cnn"]), x, y
+
+
+def test_zeroq_channelwise_and_finetune_take_the_users_model(tmp_path):
+    from hawq.config import ZeroQConfig
+    from hawq.finetune import FinetuneConfig
+    from hawq.workflow import finetune_plan, zeroq
+
+    model, x, y = _cnn_and_data()
+    zq = zeroq(model, {"test": (x[96:], y[96:])}, out_dir=tmp_path / "zq",
+               config=ZeroQConfig(input_shape=(3, 16, 16), distill_iters=5, distill_batch=8,
+                                  bits=(4, 8), target_compression=5.0))
+    assert zq.distill is not None and zq.fp32_accuracy is not None
+    assert (tmp_path / "zq" / "distill.png").is_file()
+    model, x, y = _cnn_and_data()
+    cw = compress(model, {"calib": (x[:64], y[:64]), "test": (x[96:], y[96:])},
+                  config=CompressConfig(method="cw-hessian", bits=(2, 4, 8), hessian_samples=32,
+                                        max_probes=4, calib_samples=32))
+    assert cw.allocation["method"] == "cw-hessian"
+    assert all(isinstance(r["w_bits"], list) for r in cw.layers)
+    model, x, y = _cnn_and_data()
+    plan = hawq.BitPlan.uniform(4, 8)
+    ft = finetune_plan(model, plan, tmp_path / "ft", data={"calib": (x[:96], y[:96]),
+                                                         "test": (x[96:], y[96:])},
+                       config=FinetuneConfig(epochs=1, batch_size=32, steps_per_epoch=2,
+                                             calib_samples=32, augment="none"))
+    assert ft["metric"] == "accuracy" and (tmp_path / "ft" / "finetune.json").is_file()
+    assert ft["accuracy"] > 0.3

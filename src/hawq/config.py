@@ -130,6 +130,14 @@ def _check(name: Any, names: list[str], argument: str) -> None:
         raise ConfigError(f"{argument}={name!r}: use one of {names}")
 
 
+def _check_model(model: Any, cls: str) -> None:
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"{cls}.model={type(model).__name__}: it takes a built-in model name or "
+                          "'package.module:factory'; pass your nn.Module itself as "
+                          f"hawq.{'zeroq' if cls == 'ZeroQConfig' else 'compress'}(model, data, "
+                          "config=...)")
+
+
 def _check_spec(spec: Any, argument: str) -> None:
     if spec is not None and (not isinstance(spec, str) or ":" not in spec):
         raise ConfigError(f"{argument}={spec!r}: give 'package.module:factory' or "
@@ -271,6 +279,7 @@ class CompressConfig:
         _check(self.w_clip, w_clip_names(), "w_clip")
         _check(self.task, task_names(), "task")
         _check_spec(self.data, "data")
+        _check_model(self.model, "CompressConfig")
         self.bits = tuple(sorted(set(int(b) for b in self.bits)))
         if not self.bits:
             raise ConfigError("bits is empty: give candidate weight bit widths, e.g. (2, 4, 8)")
@@ -394,6 +403,7 @@ class ZeroQConfig:
         _check(self.a_calibration, a_calibration_names(), "a_calibration")
         _check(self.task, task_names(), "task")
         _check_spec(self.data, "data")
+        _check_model(self.model, "ZeroQConfig")
         self.bits = tuple(sorted(set(int(b) for b in self.bits)))
         if not self.bits:
             raise ConfigError("bits is empty: give candidate weight bit widths, e.g. (2, 4, 8)")
