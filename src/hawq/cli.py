@@ -27,13 +27,11 @@ from hawq.config import (CompressConfig, ZeroQConfig, a_calibration_names, add_c
                          w_clip_names)
 from hawq.errors import ConfigError, HawqError
 from hawq.io import write_json
+from hawq.loading import DEFAULT_TASK, settle_task
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("hawq")
-
-#: The task a command uses when neither --task nor the model factory names one.
-DEFAULT_TASK = "classification"
 
 
 def _version() -> str:
@@ -145,8 +143,8 @@ def _inputs(model_name: str | None, data_dir: str | None, data_spec: str | None,
                           "'pkg.module:factory' / 'path/to/file.py:factory' for your own model")
     if data_spec:
         inp.data = unpack_data(load_object(data_spec, "data"), f"data {data_spec!r}")
-    if task_name is not None and (task_name != DEFAULT_TASK or inp.task is None):
-        inp.task = task_name
+    if task_name is not None:
+        inp.task = settle_task(task_name, inp.task, DEFAULT_TASK)
     return inp
 
 
@@ -281,6 +279,35 @@ def _result_score(res: Any) -> str:
                   getattr(res, "fp32_value", res.fp32_accuracy))
 
 
+def _metric_cell(metric: str | None, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if (metric or "accuracy") == "accuracy":
+        return f"{100 * value:.2f}%"
+    return f"{value:.4g}"
+
+
+def _print_plans(res: Any, mixed: str) -> None:
+    """The result as a small table: FP32, the mixed plan and (when the run measured it) the
+    uniform plan of the same size, each with the task's metric and the weight compression."""
+    metric = getattr(res, "metric", None) or "accuracy"
+    head = "top-1" if metric == "accuracy" else metric
+    b = res.budget
+    rows = [["FP32", _metric_cell(metric, getattr(res, "fp32_value", res.fp32_accuracy)),
+             "1.00x", "32"],
+            [mixed, _metric_cell(metric, getattr(res, "value", res.accuracy)),
+             f"{b['weight_compression']:.2f}x", f"{b['avg_bits']:.2f}"]]
+    u = getattr(res, "uniform", None) or {}
+    if u:
+        rows.append([f"uniform {u['w_bits']}-bit (same size)",
+                     _metric_cell(u.get("metric", metric), u.get("value")),
+                     f"{u['weight_compression']:.2f}x", str(u["w_bits"])])
+    direction = "" if metric == "accuracy" else (
+        " (higher is better)" if (getattr(res, "task", None) or {}).get("higher_is_better")
+        else " (lower is better)")
+    _print_table(rows, ["plan", head + direction, "weights", "avg bits"])
+
+
 def _print_warnings(res: Any) -> None:
     for w in getattr(res, "warnings", None) or []:
         print(f"warning: {w}")
@@ -399,6 +426,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         print(f"refinement: {len(r['moves'])} exchanges in {r['evaluations']} passes, "
               f"divergence to FP32 {r['start_value']:.4g} -> {r['value']:.4g} on the held-out "
               "data")
+    print()
+    _print_plans(res, f"mixed [{cfg.sensitivity} + {cfg.allocator}]")
     _print_warnings(res)
     print(f"\n{cfg.model} [{cfg.sensitivity} + {cfg.allocator}]: {_result_score(res)}, weights "
           f"{b['weight_compression']:.2f}x ({b['avg_bits']:.2f} avg bits), model "

@@ -365,11 +365,24 @@ def build_sections(run: RunData, md_images: dict[str, str]) -> list[Section]:
         b = m.get("budget") or {}
         fp32_acc, acc = m.get("fp32_accuracy"), m.get("accuracy")
         delta = None if fp32_acc is None or acc is None else 100 * (acc - fp32_acc)
+        metric = m.get("metric") or "accuracy"  # the task's metric: perplexity, cosine, loss...
+        uni = m.get("uniform") or {}
+        if metric == "accuracy":
+            head, fmt, dtext = "Top-1", _pct, "–" if delta is None else f"{delta:+.2f} points"
+            fp32_acc = m.get("fp32_value", fp32_acc) if fp32_acc is None else fp32_acc
+            acc = m.get("value", acc) if acc is None else acc
+        else:
+            fp32_acc, acc = m.get("fp32_value"), m.get("value")
+            better = "higher" if (m.get("task") or {}).get("higher_is_better") else "lower"
+            head, fmt = metric.capitalize(), _fmt_num
+            dtext = ("–" if fp32_acc is None or acc is None
+                     else f"{acc - fp32_acc:+.4g} ({better} is better)")
+        if uni.get("value") is not None:
+            dtext += f"; uniform {uni.get('w_bits')}-bit: {fmt(uni['value'])}"
         fp32_bytes, size = b.get("fp32_bytes"), b.get("size_bytes")
         bops, fbops = b.get("bops"), b.get("fp32_bops")
         cards = [
-            ("Top-1", f"{_pct(fp32_acc)} &#8594; <b>{_pct(acc)}</b>",
-             "–" if delta is None else f"{delta:+.2f} points"),
+            (head, f"{fmt(fp32_acc)} &#8594; <b>{fmt(acc)}</b>", html.escape(dtext)),
             ("Model size", f"{_bytes(fp32_bytes)} &#8594; <b>{_bytes(size)}</b>",
              f"{_fmt_num(b.get('compression'), 3)}x smaller (weights "
              f"{_fmt_num(b.get('weight_compression'), 3)}x)"),
@@ -381,13 +394,19 @@ def build_sections(run: RunData, md_images: dict[str, str]) -> list[Section]:
         ]
         card_html = "".join(f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div>'
                             f'<div class="s">{s}</div></div>' for k, v, s in cards)
-        rows = [["top-1 accuracy", _pct(fp32_acc), _pct(acc)],
+        rows = [["top-1 accuracy" if metric == "accuracy" else metric, fmt(fp32_acc), fmt(acc)],
                 ["model size", _bytes(fp32_bytes), _bytes(size)],
                 ["weight bits (avg)", "32", _fmt_num(b.get("avg_bits"), 4)],
                 ["BOPs (G)", _fmt_num(None if fbops is None else fbops / 1e9),
                  _fmt_num(None if bops is None else bops / 1e9)],
                 ["MACs per sample", _fmt_num(b.get("macs")), _fmt_num(b.get("macs"))]]
-        th, tm = _table(["", "FP32", "quantized"], rows, {1, 2})
+        header = ["", "FP32", "quantized"]
+        if uni:  # the uniform plan of the same size, measured by the run
+            header.append(f"uniform {uni.get('w_bits')}-bit (same size)")
+            for r, v in zip(rows, [fmt(uni.get("value")), _bytes(uni.get("size_bytes")),
+                                   _fmt_num(uni.get("w_bits")), "–", _fmt_num(b.get("macs"))]):
+                r.append(v)
+        th, tm = _table(header, rows, set(range(1, len(header))))
         secs = m.get("seconds") or {}
         alloc = m.get("allocation") or {}
         info = (f"model <code>{html.escape(str(cfg.get('model')))}</code>, sensitivity "

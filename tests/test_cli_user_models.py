@@ -1,0 +1,331 @@
+"""``hawq compress`` / ``hawq export --run`` / ``hawq report`` through the command line on the
+user's own models and data, from a module in the current folder: a MobileNet-like CNN, an
+``nn.TransformerEncoder`` token classifier, a causal LM fed dict batches, a model returning a
+dict of losses, and a factory returning model, task and data together. Each run is exported
+(rebuilt from the factories, packed, loaded back, the run's metric reproduced) and reported;
+ONNX where the model has one float input, a one-line error naming what is unsupported
+elsewhere; data that does not fit the task stops with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hawq.cli import main
+
+MODULE = "usermods_cli"
+
+SOURCE = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+
+    def _train(model, batches, loss_fn, steps=30, lr=0.02):
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        for i in range(steps):
+            opt.zero_grad()
+            loss_fn(model, batches[i % len(batches)]).backward()
+            opt.step()
+        return model.eval()
+
+
+    class TinyMobileNet(nn.Module):
+        """Stem conv + BN, depthwise 3x3, pointwise 1x1, GELU, global pooling, linear head."""
+
+        def __init__(self, classes=4):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+            self.pw = nn.Conv2d(8, 16, 1)
+            self.fc = nn.Linear(16, classes)
+
+        def forward(self, x):
+            x = F.gelu(self.bn(self.stem(x)))
+            x = F.gelu(self.pw(self.dw(x)))
+            return self.fc(x.mean((2, 3)))
+
+
+    def _images(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 4, (n,), generator=g)
+        x = torch.randn(n, 3, 16, 16, generator=g) * 0.5
+        x[:, 0] += (y[:, None, None] - 1.5) * 0.8
+        return x, y
+
+
+    def mobilenet():
+        torch.manual_seed(0)
+        x, y = _images(128, 0)
+        return _train(TinyMobileNet(), [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)],
+                      lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+
+
+    def images():
+        x, y = _images(160, 1)
+        return {"calib": (x[:64], y[:64]), "heldout": (x[64:96], y[64:96]),
+                "test": torch.utils.data.TensorDataset(x[96:], y[96:])}
+
+
+    class TokenClassifier(nn.Module):
+        def __init__(self, vocab=30, d=16, classes=3):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(d, classes)
+
+        def forward(self, ids):
+            return self.head(self.enc(self.emb(ids)).mean(1))
+
+
+    def _tokens(n, seed):
+        ids = torch.randint(0, 30, (n, 8), generator=torch.Generator().manual_seed(seed))
+        return ids, ids[:, 0] % 3
+
+
+    def token_classifier():
+        torch.manual_seed(0)
+        ids, y = _tokens(64, 2)
+        return _train(TokenClassifier(), [(ids[:32], y[:32]), (ids[32:], y[32:])],
+                      lambda m, b: F.cross_entropy(m(b[0]), b[1]), steps=20)
+
+
+    def tokens():
+        ids, y = _tokens(96, 3)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids[:48], y[:48]),
+                                             batch_size=16)
+        return {"calib": loader, "test": (ids[48:], y[48:])}
+
+
+    class TinyLM(nn.Module):
+        def __init__(self, vocab=24, d=16):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.mix = nn.Linear(d, d)
+            self.out = nn.Linear(d, vocab)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids)
+            steps = torch.arange(1, h.shape[1] + 1)[:, None]
+            return self.out(h + torch.tanh(self.mix(torch.cumsum(h, 1) / steps)))
+
+
+    def lm():
+        torch.manual_seed(0)
+        return TinyLM().eval()
+
+
+    def lm_data():
+        ids = torch.randint(0, 24, (64, 12), generator=torch.Generator().manual_seed(4))
+        mask = torch.ones_like(ids)
+        mask[::3, -3:] = 0
+        return {"calib": {"input_ids": ids[:32], "attention_mask": mask[:32]},
+                "test": {"input_ids": ids[32:], "attention_mask": mask[32:]}}
+
+
+    class LossDictNet(nn.Module):
+        """Detection-style: a dict of losses when called with (inputs, targets)."""
+
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(10, 16)
+            self.cls = nn.Linear(16, 3)
+            self.box = nn.Linear(16, 4)
+
+        def forward(self, x, targets):
+            h = torch.relu(self.body(x))
+            return {"loss_cls": F.cross_entropy(self.cls(h), targets["labels"]),
+                    "loss_box": F.smooth_l1_loss(self.box(h), targets["boxes"])}
+
+
+    def detector():
+        torch.manual_seed(0)
+        return LossDictNet().eval()
+
+
+    def boxes():
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(64, 10, generator=g)
+        t = {"labels": torch.randint(0, 3, (64,), generator=g),
+             "boxes": torch.randn(64, 4, generator=g)}
+        part = lambda a, b: (x[a:b], {k: v[a:b] for k, v in t.items()})
+        return {"calib": part(0, 32), "test": part(32, 64)}
+
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(12, 24)
+            self.b = nn.Linear(24, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+
+    def everything():
+        """Model, task and data from one factory."""
+        torch.manual_seed(0)
+        x = torch.randn(96, 12, generator=torch.Generator().manual_seed(6))
+        return {"model": Encoder().eval(), "task": "embedding",
+                "data": {"calib": x[:48], "test": x[48:]}}
+''')
+
+FAST = ["--target-compression", "8", "--bits", "2,4,8", "--hessian-samples", "32",
+        "--max-probes", "4", "--calib-samples", "32", "--refine-samples", "32",
+        "--refine-candidates", "4"]
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory):
+    """A folder holding the user's module; its import is forgotten afterwards."""
+    folder = tmp_path_factory.mktemp("user")
+    (folder / f"{MODULE}.py").write_text(SOURCE)
+    path = list(sys.path)
+    yield folder
+    sys.modules.pop(MODULE, None)
+    sys.path[:] = path
+
+
+@pytest.fixture
+def in_folder(user_folder, monkeypatch):
+    """The user's folder as the current one, torch on one thread (tiny models: threads only
+    add overhead, and much of it on a shared 2-core machine)."""
+    import torch
+
+    monkeypatch.chdir(user_folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield user_folder
+    torch.set_num_threads(threads)
+
+
+def _compress_export_report(folder, capsys, name, model, data=None, extra=(), onnx=True):
+    """compress -> export --run (--onnx) -> report; returns (metrics, compress stdout, export
+    stdout, export stderr, export exit code)."""
+    run = folder / name
+    argv = ["compress", "--model", f"{MODULE}:{model}", *(["--data", f"{MODULE}:{data}"]
+                                                          if data else []),
+            *FAST, *extra, "--out", str(run)]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 7.0 <= metrics["budget"]["weight_compression"] <= 8.5
+    rc = main(["export", "--run", str(run), "--json", str(run / "export.json"),
+               *(["--onnx", str(run / "model.onnx")] if onnx else [])])
+    cap = capsys.readouterr()
+    assert (run / "model.safetensors").is_file() and (run / "model.json").is_file()
+    assert "reproduces the run" in cap.out and "outputs equal" in cap.out, cap.out + cap.err
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    html = (run / "report.html").read_text()
+    assert metrics["metric"] in html.lower()
+    if metrics.get("uniform"):
+        assert f"uniform {metrics['uniform']['w_bits']}-bit (same size)" in html
+    return metrics, out, cap.out, cap.err, rc
+
+
+def _summary_shows(out, metrics, head):
+    """The compress summary: the metric's name, the mixed plan and the uniform plan."""
+    assert head in out and "mixed [hybrid + ilp]" in out
+    if metrics.get("uniform"):
+        u = metrics["uniform"]
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"uniform {u['w_bits']}-bit"))
+        assert f"{u['weight_compression']:.2f}x" in line
+    for w in metrics["warnings"]:
+        assert f"warning: {w}" in out
+
+
+def test_mobilenet_like_cnn_compress_export_onnx_report(in_folder, capsys):
+    pytest.importorskip("onnxruntime")
+    metrics, out, eout, eerr, rc = _compress_export_report(in_folder, capsys, "cnn", "mobilenet",
+                                                           "images")
+    assert rc == 0, eerr
+    assert metrics["metric"] == "accuracy" and metrics["uniform"]["w_bits"] == 4
+    assert {r["name"] for r in metrics["layers"]} == {"stem", "dw", "pw", "fc"}
+    _summary_shows(out, metrics, "top-1")
+    exp = json.loads((in_folder / "cnn" / "export.json").read_text())
+    assert exp["rebuild"]["reproduces_run"] and exp["rebuild"]["outputs_equal"]
+    assert exp["rebuild"]["value"] == pytest.approx(metrics["value"])
+    assert exp["onnx"]["agreement"] >= 0.95
+    from hawq.export import load_quantized
+
+    assert load_quantized(in_folder / "cnn" / "model.safetensors") is not None  # by its name
+
+
+def test_transformer_encoder_on_token_ids(in_folder, capsys):
+    metrics, out, eout, eerr, rc = _compress_export_report(
+        in_folder, capsys, "tok", "token_classifier", "tokens", extra=["--no-refine"])
+    assert any("self_attn" in r["name"] and "out_proj" not in r["name"]
+               for r in metrics["layers"])
+    _summary_shows(out, metrics, "top-1")
+    # ONNX: the packed export is written, then one line names what is unsupported
+    assert rc == 2 and eerr.count("\n") == 1 and "Traceback" not in eerr
+    assert "not supported" in eerr and "self_attn" in eerr and "token ids" in eerr
+
+
+def test_causal_lm_with_dict_batches(in_folder, capsys):
+    metrics, out, eout, eerr, rc = _compress_export_report(
+        in_folder, capsys, "lm", "lm", "lm_data", extra=["--task", "causal-lm"])
+    assert metrics["metric"] == "perplexity" and metrics["config"]["task"] == "causal-lm"
+    _summary_shows(out, metrics, "perplexity (lower is better)")
+    assert rc == 2 and "keyword inputs" in eerr and eerr.count("\n") == 1
+
+
+def test_model_returning_a_dict_of_losses(in_folder, capsys):
+    metrics, out, eout, eerr, rc = _compress_export_report(
+        in_folder, capsys, "det", "detector", "boxes", extra=["--task", "loss-dict", "--no-refine"])
+    assert metrics["metric"] == "loss" and metrics["value"] > 0
+    _summary_shows(out, metrics, "loss (lower is better)")
+    assert rc == 2 and "2 positional inputs" in eerr and eerr.count("\n") == 1
+
+
+def test_factory_returning_model_task_and_data(in_folder, capsys):
+    pytest.importorskip("onnxruntime")
+    metrics, out, eout, eerr, rc = _compress_export_report(
+        in_folder, capsys, "all", "everything", extra=["--no-refine"])
+    assert rc == 0, eerr
+    assert metrics["metric"] == "cosine" and metrics["task"]["name"] == "embedding"
+    _summary_shows(out, metrics, "cosine (higher is better)")
+    exp = json.loads((in_folder / "all" / "export.json").read_text())
+    assert exp["rebuild"]["task"] == "embedding" and exp["onnx"]["max_abs_diff_unoptimized"] < 1e-4
+
+
+def test_data_that_does_not_fit_the_task_is_one_line(in_folder, capsys):
+    rc = main(["compress", "--model", f"{MODULE}:mobilenet", "--data", f"{MODULE}:images",
+               "--task", "causal-lm", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("hawq: error: task 'causal-lm'") and "token ids" in err
+
+
+def test_export_of_a_run_made_on_a_model_object_says_what_to_do(in_folder, tmp_path, capsys):
+    import torch
+
+    import hawq
+
+    x = torch.randn(64, 12)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    hawq.compress(model, (x, torch.randint(0, 3, (64,))), out_dir=tmp_path, bits=(4, 8),
+                  target_compression=5.33, hessian_samples=16, max_probes=2, calib_samples=16,
+                  refine=False)
+    assert main(["export", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "save_quantized" in err and err.count("\n") == 1
+
+
+def test_python_dash_m_hawq_runs_from_the_current_folder(user_folder, tmp_path):
+    env = dict(os.environ, PYTHONPATH="")
+    r = subprocess.run([sys.executable, "-m", "hawq", "compress", "--model",
+                        f"{MODULE}:everything", *FAST, "--no-refine", "--threads", "1",
+                        "--out", str(tmp_path / "run")],
+                       cwd=user_folder, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cosine" in r.stdout and (tmp_path / "run" / "metrics.json").is_file()
