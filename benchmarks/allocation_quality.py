@@ -4,7 +4,7 @@ For each weight-compression target (bits {2,3,4,8}, weights only, activations fl
 symmetric per-channel quantizer for every plan, no fine-tuning) it evaluates on the CIFAR-10
 test set: the HAWQ-V1 rule, HAWQ-V2 Omega on the Pareto frontier and by ILP, the ``hybrid``
 sensitivity by ILP, the library's default method (that hybrid ILP plan, refined by
-:func:`hawq.refine.refine_plan` on ``--refine-samples`` held-out training images when it averages
+:func:`hawq.post.refine.refine_plan` on ``--refine-samples`` held-out training images when it averages
 at most ``AUTO_REFINE_MAX_BITS`` bits, as ``hawq compress`` does), the uniform plan where one has
 that size, and the median of 10 random plans of the same budget (an ILP over random costs). It also reports the Spearman rank
 correlation of predicted Omega with the measured single-layer loss increase.
@@ -27,14 +27,14 @@ import torch
 from scipy.stats import spearmanr
 
 import hawq
-from hawq.allocation import allocate, hawq_v1_allocate
-from hawq.budgets import Budget
-from hawq.data import load_cifar10
-from hawq.hessian import analyze
-from hawq.io import write_json
-from hawq.models import build_model
-from hawq.refine import auto_refines, refine_plan
-from hawq.sensitivity import measured_loss_increase, omega_matrix, weight_errors
+from hawq.maths.allocation import allocate
+from hawq.maths.budgets import Budget
+from hawq.feed.data import load_cifar10
+from hawq.base.io import write_json
+from hawq.modules.models import build_model
+from hawq.post.refine import auto_refines, refine_plan
+from hawq.analysis.sensitivities import sensitivity_costs
+from hawq.analysis.sensitivity import omega_matrix
 
 
 def accuracy(model_name, data_dir, names, wbits, test, quant):
@@ -51,22 +51,24 @@ def run_model(name, args, test, calib, held):
     names = [i.name for i in infos]
     params = np.array([i.params for i in infos], dtype=float)
     bits = np.array(args.bits)
-    hx, hy = calib.tensors[0][:args.hessian_samples], calib.tensors[1][:args.hessian_samples]
     t = time.perf_counter()
-    tr = analyze(model, (hx, hy), metric="trace", layers=names, seed=args.seed, tol=0.0,
-                 max_probes=args.probes, probe_mode=args.probe_mode)
-    t_trace = time.perf_counter() - t
+    # the library's hybrid: max(HAWQ-V2 Omega, measured single-layer loss increase), with the
+    # Hessian on the first hessian_samples calibration images and the losses on all of them
+    omega_hybrid, hy = sensitivity_costs(model, calib, names, tuple(args.bits), "hybrid", quant,
+                                         hessian_samples=args.hessian_samples,
+                                         max_probes=args.probes, tol=0.0, seed=args.seed,
+                                         probe_mode=args.probe_mode)
+    t_hybrid = time.perf_counter() - t
+    # HAWQ-V2's Omega from the same traces and weight errors
+    omega_v2 = omega_matrix([lh["avg_trace"] for lh in hy["hessian"]["layers"]],
+                            np.array(hy["weight_errors"]))
+    measured = np.array(hy["measured"])
     t = time.perf_counter()
-    eig = analyze(model, (hx, hy), metric="eigen", layers=names, seed=args.seed)
+    _, v1 = sensitivity_costs(model, calib, names, tuple(args.bits), "hawq-v1", quant,
+                              hessian_samples=args.hessian_samples, seed=args.seed)
     t_eig = time.perf_counter() - t
-    errors = weight_errors(model, names, bits, quant)
-    omega_v2 = omega_matrix([lh.avg_trace for lh in tr.layers], errors)
-    lam = np.array([lh.eigenvalue if np.isscalar(lh.eigenvalue) else lh.eigenvalue[0]
-                    for lh in eig.layers])
-    t = time.perf_counter()
-    measured = measured_loss_increase(model, calib.tensors, names, bits, quant)
-    t_meas = time.perf_counter() - t
-    omega_hybrid = np.maximum(omega_v2, measured)
+    lam = np.array([lh["eigenvalue"] if np.isscalar(lh["eigenvalue"]) else lh["eigenvalue"][0]
+                    for lh in v1["hessian"]["layers"]])
     low = bits < 8
     rho_v2 = spearmanr(omega_v2[:, low].ravel(), measured[:, low].ravel())[0]
     rho_hy = spearmanr(omega_hybrid[:, low].ravel(), measured[:, low].ravel())[0]
@@ -76,7 +78,8 @@ def run_model(name, args, test, calib, held):
     for comp in args.compressions:
         budget = Budget("compression", comp)
         plans = {
-            "hawq-v1 rule": hawq_v1_allocate(lam / params, params, bits, budget).bits,
+            "hawq-v1 rule": allocate(np.array(v1["omega"]), params, bits, budget, "v1-rule",
+                                     sensitivity=lam / params).bits,
             "hawq-v2 frontier": allocate(omega_v2, params, bits, budget, "frontier").bits,
             "hawq-v2 ilp": allocate(omega_v2, params, bits, budget, "ilp").bits,
         }
@@ -109,8 +112,9 @@ def run_model(name, args, test, calib, held):
             if isinstance(v, float) and k != "compression"), flush=True)
     return {"model": name, "fp32": fp32, "rows": rows, "spearman_v2_vs_measured": rho_v2,
             "spearman_hybrid_vs_measured": rho_hy,
-            "seconds": {"trace": t_trace, "eigen": t_eig, "measured": t_meas},
-            "hvp_trace": tr.hvp_count, "hvp_eigen": eig.hvp_count}
+            "seconds": {"hybrid (trace + measured)": t_hybrid, "eigen": t_eig,
+                        "trace": hy["hessian"]["seconds"]},
+            "hvp_trace": hy["hessian"]["hvp_count"], "hvp_eigen": v1["hessian"]["hvp_count"]}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Empirical bias correction on the post-training plans of ``allocation_quality.py``.
 
-Takes the bit plans stored in an ``allocation_quality`` JSON (default hybrid, HAWQ-V2 by ILP, the
-uniform plan where one exists) and evaluates each on the 10,000 CIFAR-10 test images twice, with
+Takes the bit plans stored in an ``allocation_quality`` JSON (the hybrid ILP plan, the default
+auto-refined one where refinement applied, HAWQ-V2 by ILP, the uniform plan where one exists) and evaluates each on the 10,000 CIFAR-10 test images twice, with
 the same symmetric per-channel min/max weight quantizer (weights only, no fine-tuning): as it is,
 and after :func:`hawq.bias_correct_` on 512 training images. Prints a table and writes JSON.
 
@@ -21,16 +21,18 @@ import numpy as np
 import torch
 
 import hawq
-from hawq.allocation import allocate
-from hawq.budgets import Budget
-from hawq.data import load_cifar10
-from hawq.hessian import analyze
-from hawq.sensitivity import measured_loss_increase, omega_matrix, weight_errors
-from hawq.io import read_json, write_json
-from hawq.models import build_model
+from hawq.maths.allocation import allocate
+from hawq.maths.budgets import Budget
+from hawq.feed.data import load_cifar10
+from hawq.base.io import read_json, write_json
+from hawq.analysis.sensitivities import sensitivity_costs
+from hawq.analysis.sensitivity import omega_matrix
+from hawq.modules.models import build_model
 
-LABELS = {"hybrid ilp (default)": "hybrid (default)", "hawq-v2 ilp": "hawq-v2",
-          "uniform": "uniform"}
+# stored plan key -> label; a key a row lacks is skipped (older allocation_quality JSONs have
+# "hybrid ilp (default)", newer ones "hybrid ilp" and, where auto-refine applied, "default")
+LABELS = {"hybrid ilp (default)": "hybrid (default)", "hybrid ilp": "hybrid ilp",
+          "default": "default (auto-refined)", "hawq-v2 ilp": "hawq-v2", "uniform": "uniform"}
 
 
 def main() -> None:
@@ -39,11 +41,13 @@ def main() -> None:
     p.add_argument("--compressions", default=None, help="comma list (default: all in --plans)")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--test-samples", type=int, default=None, help="default: all 10,000")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--aware", action="store_true",
                    help="also plan with the sensitivity measured after bias correction: ILP on "
-                        "max(HAWQ-V2 Omega, bias-corrected single-layer losses), the Omega "
-                        "recomputed as allocation_quality.py does (256 images, 20 probes)")
+                        "max(HAWQ-V2 Omega, bias-corrected single-layer losses): the library's "
+                        "hybrid with bias_correct=True, its Hessian as in --plans (256 images, "
+                        "20 probes, that file's probe mode)")
     p.add_argument("--json", default="benchmarks/results/bias_correction.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +55,7 @@ def main() -> None:
     whole = read_json(args.plans, "allocation_quality results")
     src, src_args = whole["results"][0], whole["args"]
     name = src["model"]
-    test = load_cifar10(args.data_dir, "test")
+    test = load_cifar10(args.data_dir, "test", args.test_samples)
     calib = load_cifar10(args.data_dir, "train", args.calib_samples)
     ref = build_model(name, data_dir=args.data_dir).eval()
     names = [i.name for i in hawq.layers(ref, test.tensors[0][:1])]
@@ -61,17 +65,18 @@ def main() -> None:
         t = time.perf_counter()
         params = np.array([i.params for i in hawq.layers(ref, test.tensors[0][:1])], dtype=float)
         bits = np.array(src_args["bits"])
-        hx, hy = calib.tensors[0][:256], calib.tensors[1][:256]
-        tr = analyze(ref, (hx, hy), metric="trace", layers=names, seed=src_args["seed"],
-                     tol=0.0, max_probes=src_args["probes"])
-        omega_v2 = omega_matrix([lh.avg_trace for lh in tr.layers],
-                                weight_errors(ref, names, bits))
-        measured_bc = measured_loss_increase(ref, calib.tensors, names, bits, bias_correct=True)
+        # the library's hybrid with the losses measured after bias correction
+        omega_aware, hy = sensitivity_costs(
+            ref, calib, names, tuple(src_args["bits"]), "hybrid", hawq.QuantConfig(),
+            hessian_samples=src_args.get("hessian_samples", 256), max_probes=src_args["probes"],
+            tol=0.0, seed=src_args["seed"], probe_mode=src_args.get("probe_mode") or "joint",
+            bias_correct=True)
+        omega_v2 = omega_matrix([lh["avg_trace"] for lh in hy["hessian"]["layers"]],
+                                np.array(hy["weight_errors"]))
         for r in src["rows"]:
             comp = r["compression"]
             budget = Budget("compression", comp)
-            aware[comp] = allocate(np.maximum(omega_v2, measured_bc), params, bits, budget,
-                                   "ilp").bits
+            aware[comp] = allocate(omega_aware, params, bits, budget, "ilp").bits
             same = [int(b) for b in allocate(omega_v2, params, bits, budget, "ilp").bits]
             print(f"{comp:.2f}x: recomputed HAWQ-V2 plan equals the stored one: "
                   f"{same == r['hawq-v2 ilp bits']}", flush=True)
@@ -89,6 +94,10 @@ def main() -> None:
                 if r.get("uniform") is None:
                     continue
                 bits = [round(32 / comp)] * len(names)
+            elif key == "default" and not r.get("default refined"):
+                continue  # not refined: the same plan as "hybrid ilp"
+            elif key + " bits" not in r:
+                continue
             elif key == "aware":
                 bits = aware[comp]
             else:

@@ -30,17 +30,18 @@ import numpy as np
 import torch
 
 import hawq
-from hawq.allocation import allocate
-from hawq.budgets import Budget
-from hawq.channelwise import (ChannelAllocator, ChannelLayer, ChannelRewardModel,
+from hawq.maths.allocation import allocate
+from hawq.maths.budgets import Budget
+from hawq.analysis.channelwise import (ChannelAllocator, ChannelLayer, ChannelRewardModel,
                               channel_errors, hessian_group_plan, layer_features,
                               shrink_traces)
-from hawq.data import load_cifar10
-from hawq.ddpg import DDPGConfig, ddpg_search
-from hawq.hessian import analyze
-from hawq.io import write_json
-from hawq.models import build_model
-from hawq.sensitivity import measured_loss_increase, omega_matrix, weight_errors
+from hawq.feed.data import load_cifar10
+from hawq.maths.ddpg import DDPGConfig, ddpg_search
+from hawq.analysis.hessian import HessianResult, analyze
+from hawq.base.io import write_json
+from hawq.modules.models import build_model
+
+from _common import library_sensitivity
 
 
 def main() -> None:
@@ -92,7 +93,7 @@ def main() -> None:
 
     times: dict[str, float] = {}
     key = {k: getattr(args, k) for k in ("model", "bits", "probes", "hessian_samples",
-                                         "calib_samples", "seed")}
+                                         "calib_samples", "seed")} | {"cache_format": 2}
     cached = None
     if args.cache and os.path.exists(args.cache):
         cached = torch.load(args.cache, weights_only=False)
@@ -100,32 +101,34 @@ def main() -> None:
             sys.exit(f"--cache {args.cache} was made with {cached.get('key')}, not {key}: "
                      "delete it or give another path")
         times.update(cached["times"])
-        raw, avg_traces, measured = cached["raw"], cached["avg_traces"], cached["measured"]
+        res = HessianResult.from_dict(cached["hessian"])
+        omega_v2, omega_hy = cached["omega_v2"], cached["omega_hybrid"]
     else:
         t = time.perf_counter()
         res = analyze(model, (x[:args.hessian_samples], y[:args.hessian_samples]),
                       metric="channel", layers=names, seed=args.seed, tol=0.0,
                       max_probes=args.probes)
         times["channel_traces"] = time.perf_counter() - t
-        raw = [np.array(lh.channel_traces) for lh in res.layers]
-        avg_traces = [lh.avg_trace for lh in res.layers]
+    raw = [np.array(lh.channel_traces) for lh in res.layers]
     clayers = [ChannelLayer(i.name, i.params, i.macs, shrink_traces(t, args.shrink))
                for i, t in zip(infos, raw)]
     neg = float(np.mean(np.concatenate(raw) <= 0))
-    t = time.perf_counter()
-    errors = weight_errors(model, names, bits, quant)
-    omega_v2 = omega_matrix(avg_traces, errors)
-    times["omega_v2"] = times["channel_traces"] + time.perf_counter() - t
     if cached is None:
+        # the library's hybrid (max of HAWQ-V2 Omega and the measured single-layer loss increase
+        # on the calibration images) on the channel analysis' layer traces: no second Hutchinson
+        # run; HAWQ-V2's Omega is the one from the same traces
         t = time.perf_counter()
-        measured = measured_loss_increase(model, (x[:args.calib_samples],
-                                                  y[:args.calib_samples]), names, bits, quant)
+        omega_hy, hy = library_sensitivity("hybrid", model, (x[:args.calib_samples],
+                                                             y[:args.calib_samples]),
+                                           names, bits, quant, res)
+        omega_v2 = np.array(hy["omega_v2"])
         times["measured"] = time.perf_counter() - t
+        times["omega_v2"] = times["channel_traces"]
         if args.cache:
-            torch.save({"key": key, "raw": raw, "avg_traces": avg_traces, "measured": measured,
-                        "times": {k: times[k] for k in ("channel_traces", "measured")}},
-                       args.cache)
-    omega_hy = np.maximum(omega_v2, measured)
+            torch.save({"key": key, "hessian": res.to_dict(), "omega_v2": omega_v2,
+                        "omega_hybrid": omega_hy,
+                        "times": {k: times[k] for k in ("channel_traces", "measured",
+                                                        "omega_v2")}}, args.cache)
     t = time.perf_counter()
     cerr = [channel_errors(mods[n].weight, bits, quant) for n in names]
     times["channel_errors"] = time.perf_counter() - t

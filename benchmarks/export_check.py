@@ -1,10 +1,10 @@
 """Packed export and ONNX check on ResNet-20 / CIFAR-10.
 
 For each plan (W8A8, a hand mixed 2/3/4/8-bit plan with 8-bit activations, and a per-output-
-channel plan; optionally the plan of ``hawq.workflow.compress`` at 8x with ``--compress``):
+channel plan; optionally the plan of ``hawq.workflows.workflow.compress`` at 8x with ``--compress``):
 quantize + calibrate (512 training images), save the packed checkpoint, load it back and
 compare outputs with the fake-quantized model on the whole test set (torch.equal per batch),
-compare the packed size with :func:`hawq.accounting.budget_report`, export ONNX (QDQ) and run
+compare the packed size with :func:`hawq.modules.accounting.budget_report`, export ONNX (QDQ) and run
 it in onnxruntime: argmax agreement with the PyTorch model, and top-1 of both.
 
     python benchmarks/export_check.py              # full 10,000 test images
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 import hawq
-from hawq.data import load_cifar10
-from hawq.export import load_quantized, save_quantized, size_check
-from hawq.io import write_json
-from hawq.models import build_model
-from hawq.onnx_export import export_onnx, run_onnx
+from hawq.feed.data import load_cifar10
+from hawq.post.export import load_quantized, save_quantized, size_check
+from hawq.base.io import write_json
+from hawq.modules.models import build_model
+from hawq.post.onnx_export import export_onnx, run_onnx
 
 
 def hand_mixed(names: list[str]) -> hawq.BitPlan:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--quick", action="store_true", help="1,000 test images")
     ap.add_argument("--compress", action="store_true",
-                    help="also the plan of hawq.workflow.compress at 8x (hawq-v2 sensitivity)")
+                    help="also the plan of hawq.workflows.workflow.compress at 8x (hawq-v2 sensitivity)")
     ap.add_argument("--json", default="benchmarks/results/export_check.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     plans = {"w8a8": hawq.BitPlan.uniform(8, 8), "mixed-2/3/4/8": hand_mixed(names),
              "per-channel-2/3/4": per_channel(probe, names)}
     if args.compress:
-        from hawq.config import CompressConfig
-        from hawq.workflow import compress
+        from hawq.post.config import CompressConfig
+        from hawq.workflows.workflow import compress
 
         r = compress(CompressConfig(model="resnet20", data_dir=args.data_dir,
                                     sensitivity="hawq-v2", allocator="ilp",

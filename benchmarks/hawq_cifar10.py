@@ -4,7 +4,7 @@ the HAWQ-V1 staged schedule vs all layers at once.
 
 Starts from the shared FP32 ResNet-20 (91.73%). Weight bits {2,3,4,8} by the default ``hybrid``
 sensitivity and the integer program at the compression target; activation bits {2,4,8} from
-activation-Hessian traces at an average of 4 bits (8x); then ``hawq.finetune`` (SGD, cosine,
+activation-Hessian traces at an average of 4 bits (8x); then ``hawq.post.finetune`` (SGD, cosine,
 KD from FP32, crop+flip, BN folded halfway). Every row is evaluated on the 10,000 test images;
 JSON is rewritten after every row so a cut-off run keeps what it measured.
 
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 import hawq
-from hawq.activations import activation_plan
-from hawq.allocation import allocate
-from hawq.budgets import Budget
-from hawq.data import load_cifar10
-from hawq.finetune import FinetuneConfig, finetune
-from hawq.io import write_json
-from hawq.models import build_model
-from hawq.sensitivities import sensitivity_costs
+from hawq.analysis.activations import activation_plan
+from hawq.maths.allocation import allocate
+from hawq.maths.budgets import Budget
+from hawq.feed.data import load_cifar10
+from hawq.post.finetune import FinetuneConfig, finetune
+from hawq.base.io import write_json
+from hawq.modules.models import build_model
+from hawq.analysis.sensitivities import sensitivity_costs
 
 
 def main() -> None:

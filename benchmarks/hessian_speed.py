@@ -42,8 +42,8 @@ def _setup(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from hawq.data import load_cifar10
-    from hawq.models import build_model
+    from hawq.feed.data import load_cifar10
+    from hawq.modules.models import build_model
 
     model = build_model("resnet20", pretrained=True, data_dir=args.data_dir).eval()
     x, y = load_cifar10(args.data_dir, split="test", limit=args.samples).tensors
@@ -55,7 +55,7 @@ def worker(args) -> dict:
     import torch
     import torch.nn as nn
 
-    from hawq.hessian import analyze, select_layers
+    from hawq.analysis.hessian import analyze, select_layers
 
     model, x, y = _setup(args)
     names = [n for n, _ in select_layers(model)]
@@ -71,7 +71,7 @@ def worker(args) -> dict:
         out["probes"] = [lh.probes for lh in res.layers]
         out["hvp_count"] = res.hvp_count
         if args.worker == "ours_layer":  # untimed: the cost of one block product per layer
-            from hawq.hessian import HessianOperator, as_batches
+            from hawq.analysis.hessian import HessianOperator, as_batches
 
             mods = select_layers(model)
             op = HessianOperator(model, mods, as_batches((x, y)), nn.CrossEntropyLoss())
@@ -301,7 +301,7 @@ def main() -> None:
             runs.setdefault(m, []).append(run_worker(args, m, r))
     out = summarise(args, runs)
     print_table(out)
-    from hawq.io import write_json
+    from hawq.base.io import write_json
 
     write_json(args.json, out)
     print(f"\nwrote {args.json}")

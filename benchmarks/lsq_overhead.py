@@ -21,11 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-import hawq.quantizers as hq
-from hawq.io import write_json
-from hawq.models import build_model
-from hawq.plan import BitPlan, LayerSpec, QuantConfig
-from hawq.surgery import calibrate_, quantizable_layers, quantize_
+import hawq.maths.quantizers as hq
+from hawq.base.io import write_json
+from hawq.modules.models import build_model
+from hawq.maths.plan import BitPlan, LayerSpec, QuantConfig
+from hawq.modules.surgery import calibrate_, quantizable_layers, quantize_
 
 
 def composite_lsq(x, step, qp, grad_scale=1.0):
@@ -67,7 +67,7 @@ def main() -> None:
         models[mode] = m.train()
     fused = hq.lsq_fake_quantize
     times: dict[str, list[float]] = {k: [] for k in models}
-    import hawq.qmodules as qm
+    import hawq.modules.qmodules as qm
     for i in range(args.steps + 2):
         for mode, m in models.items():
             qm.lsq_fake_quantize = composite_lsq if mode == "lsq_composite" else fused

@@ -1,5 +1,5 @@
 """Plan refinement on CIFAR-10 ResNets: the default hybrid ILP plan before and after
-:func:`hawq.refine.refine_plan` (exchanges measured as KL to FP32 on held-out training images).
+:func:`hawq.post.refine.refine_plan` (exchanges measured as KL to FP32 on held-out training images).
 
 Same setting as ``allocation_quality.py`` (bits {2,3,4,8}, weights only, symmetric per-channel
 min/max, no fine-tuning, 256 Hessian images / 20 probes, single-layer losses on the first 512
@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 import hawq
-from hawq.allocation import allocate
-from hawq.budgets import Budget
-from hawq.data import load_cifar10
-from hawq.io import write_json
-from hawq.models import build_model
-from hawq.sensitivities import sensitivity_costs
-from hawq.refine import refine_plan
+from hawq.maths.allocation import allocate
+from hawq.maths.budgets import Budget
+from hawq.feed.data import load_cifar10
+from hawq.base.io import write_json
+from hawq.modules.models import build_model
+from hawq.analysis.sensitivities import sensitivity_costs
+from hawq.post.refine import refine_plan
 
 
 @torch.no_grad()

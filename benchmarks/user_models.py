@@ -38,12 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hawq
-from hawq.config import CompressConfig
-from hawq.data import load_cifar10
-from hawq.errors import ConfigError
-from hawq.export import load_quantized, save_quantized
-from hawq.io import write_json
-from hawq.report import write_report
+from hawq.post.config import CompressConfig
+from hawq.feed.data import load_cifar10
+from hawq.base.errors import ConfigError
+from hawq.post.export import load_quantized, save_quantized
+from hawq.base.io import write_json
+from hawq.ui.report import write_report
 
 OUT = Path(__file__).parent / "results" / "user_models.json"
 
@@ -207,7 +207,7 @@ def _export_check(model: nn.Module, float_copy: nn.Module, x: torch.Tensor,
     out: dict[str, Any] = {"packed_bytes": res.file_bytes, "accounted_bytes": res.accounted_bytes,
                            "roundtrip_equal": equal}
     try:
-        from hawq.onnx_export import export_onnx
+        from hawq.post.onnx_export import export_onnx
 
         onx = export_onnx(model, folder / "model.onnx", x)
         out["onnx_agreement"] = onx.agreement
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     out: dict[str, Any] = {"command": shlex.join(["python", *sys.argv]), "quick": args.quick,
                            "torch": torch.__version__, "threads": args.threads,
-                           "config": hawq.config.config_dict(cfg), "rows": []}
+                           "config": hawq.post.config.config_dict(cfg), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for step in (_cnn, _transformer, _loss_dict):
             for row in step(args, cfg, Path(tmp)):

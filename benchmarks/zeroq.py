@@ -13,7 +13,7 @@ quantizes the FP32 model (symmetric per-channel min/max weights, per-tensor min/
 and calibrates activation ranges on four input sources: the two distilled sets (zero-shot), 512 real
 training images, and 32 N(0, 1) noise images (the size of the distilled batch). All accuracies are
 on the 10,000 CIFAR-10 test images. It then runs the whole zero-shot pipeline
-(:func:`hawq.zeroq.zeroq`, MP4A8 from distilled+labels data) and reports its wall time split by stage.
+(:func:`hawq.analysis.zeroq.zeroq`, MP4A8 from distilled+labels data) and reports its wall time split by stage.
 
     python benchmarks/zeroq.py --models resnet20 --threads 2
     python benchmarks/zeroq.py --models resnet20,resnet56 --threads 2
@@ -35,15 +35,15 @@ import numpy as np
 import torch
 
 import hawq
-from hawq.budgets import Budget
-from hawq.allocation import allocate
-from hawq.data import load_cifar10
-from hawq.distill import distill_data
-from hawq.io import write_json
-from hawq.models import build_model
-from hawq.config import ZeroQConfig
-from hawq.workflow import zeroq
-from hawq.zeroq import gaussian_data, kl_sensitivity
+from hawq.maths.budgets import Budget
+from hawq.maths.allocation import allocate
+from hawq.feed.data import load_cifar10
+from hawq.analysis.distill import distill_data
+from hawq.base.io import write_json
+from hawq.modules.models import build_model
+from hawq.post.config import ZeroQConfig
+from hawq.workflows.workflow import zeroq
+from hawq.analysis.zeroq import gaussian_data, kl_sensitivity
 
 SETTINGS = [("W8A8", 8, 8), ("W6A6", 6, 6), ("W4A8", 4, 8), ("MP4A8", None, 8)]
 SOURCES = ("distilled", "distilled+labels", "real", "noise")

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hawq.allocation import (Allocation, allocate, hawq_v1_allocate, ilp_allocate,
+from hawq.maths.allocation import (Allocation, allocate, hawq_v1_allocate, ilp_allocate,
                              pareto_frontier, select_on_frontier, uniform_points)
-from hawq.budgets import Budget, fits, size_in_unit, size_limit_bits
-from hawq.errors import BudgetError, ConfigError
+from hawq.maths.budgets import Budget, fits, size_in_unit, size_limit_bits
+from hawq.base.errors import BudgetError, ConfigError
 
 BIT_POOL = np.array([1, 2, 3, 4, 5, 6, 8, 16])
 
@@ -509,7 +509,7 @@ def test_highs_prints_nothing(capfd):
 
 
 def test_format_value_rounds_towards_feasible():
-    from hawq.budgets import format_value
+    from hawq.maths.budgets import format_value
     assert format_value(160.0) == "160" and format_value(123456.375) == "123456.375"
     assert format_value(1e-05) == "1e-05" and format_value(8.0) == "8"
     x = 1 / 3

@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import hawq
-from hawq.attention import attention_safe, has_attention, pin_slow_path_
-from hawq.errors import UnsupportedLayerError
-from hawq.export import load_quantized, save_quantized
-from hawq.hessian import analyze, select_layers
-from hawq.plan import BitPlan, LayerSpec
-from hawq.qmodules import (ActQuantizer, QMultiheadAttention, QOutProjLinear,
+from hawq.modules.attention import attention_safe, has_attention, pin_slow_path_
+from hawq.base.errors import UnsupportedLayerError
+from hawq.post.export import load_quantized, save_quantized
+from hawq.analysis.hessian import analyze, select_layers
+from hawq.maths.plan import BitPlan, LayerSpec
+from hawq.modules.qmodules import (ActQuantizer, QMultiheadAttention, QOutProjLinear,
                            RoutedMultiheadAttention, layer_weight)
-from hawq.quantizers import fake_quantize, weight_qparams
-from hawq.surgery import unsupported_layers
+from hawq.maths.quantizers import fake_quantize, weight_qparams
+from hawq.modules.surgery import unsupported_layers
 
 VOCAB, D, HEADS, CLASSES = 20, 16, 2, 3
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import hawq
-from hawq.errors import ConfigError
+from hawq.base.errors import ConfigError
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -87,7 +87,7 @@ def test_float_layers_are_left_alone_and_errors_name_the_fix():
 
 
 def test_bias_corrected_export_round_trip_is_exact(tmp_path):
-    from hawq.export import load_quantized, save_quantized
+    from hawq.post.export import load_quantized, save_quantized
 
     ref, x = _net(), _data()
     q = copy.deepcopy(ref)
@@ -104,7 +104,7 @@ def test_bias_corrected_export_round_trip_is_exact(tmp_path):
 def test_compress_and_eval_bias_correct_on_digits(tmp_path, capsys):
     import json
 
-    from hawq.cli import main
+    from hawq.ui.cli import main
 
     assert main(["eval", "--w-bits", "2", "--a-bits", "8", "--json", str(tmp_path / "a.json")]) == 0
     assert main(["eval", "--w-bits", "2", "--a-bits", "8", "--bias-correct",
@@ -121,7 +121,7 @@ def test_compress_and_eval_bias_correct_on_digits(tmp_path, capsys):
     assert main(["export", "--run", str(run), "--onnx", str(run / "m.onnx"),
                  "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["onnx"]["agreement"] >= 0.98
-    from hawq.export import load_quantized
+    from hawq.post.export import load_quantized
 
     m = load_quantized(run / "model.safetensors")
     assert m.conv1.bias is not None  # the digits CNN's convs have none until corrected
@@ -133,7 +133,7 @@ def test_measured_loss_with_bias_correct_equals_quantize_then_correct(layer):
     that quantizing that layer alone and running hawq.bias_correct_ gives."""
     import torch.nn.functional as F
 
-    from hawq.sensitivity import measured_loss_increase
+    from hawq.analysis.sensitivity import measured_loss_increase
 
     ref, x = _net(), _data(128)
     y = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(2))

@@ -9,12 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hawq
-from hawq.budgets import Budget
-from hawq.channelwise import (ChannelAllocator, ChannelLayer, ChannelRewardModel,
+from hawq.maths.budgets import Budget
+from hawq.analysis.channelwise import (ChannelAllocator, ChannelLayer, ChannelRewardModel,
                               channel_errors, counts_to_bits, hessian_group_plan,
                               ratios_to_counts)
-from hawq.ddpg import DDPGConfig, cuts_to_ratios, ddpg_search, truncated_normal
-from hawq.quantizers import dequantize, fake_quantize, quantize, weight_qparams
+from hawq.maths.ddpg import DDPGConfig, cuts_to_ratios, ddpg_search, truncated_normal
+from hawq.maths.quantizers import dequantize, fake_quantize, quantize, weight_qparams
 
 
 class Tiny(nn.Module):
@@ -262,5 +262,5 @@ def test_config_validation():
     with pytest.raises(hawq.ConfigError):
         ddpg_search(np.zeros((2, 1)), 1, lambda r: 0.0)
     with pytest.raises(hawq.ConfigError):
-        hawq_pipeline_config = __import__("hawq.pipeline", fromlist=["x"])
+        hawq_pipeline_config = __import__("hawq.post.pipeline", fromlist=["x"])
         hawq_pipeline_config.CompressConfig(method="nope")

@@ -17,11 +17,11 @@ import torch
 import torch.nn as nn
 
 import hawq
-from hawq.cli import build_parser, main
-from hawq.config import (METHODS, CompressConfig, ZeroQConfig, config_from_args, config_from_dict,
+from hawq.ui.cli import build_parser, main
+from hawq.post.config import (METHODS, CompressConfig, ZeroQConfig, config_from_args, config_from_dict,
                          config_to_argv)
-from hawq.errors import ConfigError, HawqError
-from hawq.report import reconstructed_command
+from hawq.base.errors import ConfigError, HawqError
+from hawq.ui.report import reconstructed_command
 
 # ----------------------------------------------------------------------------- round trip
 
@@ -190,8 +190,8 @@ def test_version_and_python_m_hawq(capsys):
     (lambda: ZeroQConfig(allocator="v1-rule"), ["frontier", "ilp"]),
     (lambda: ZeroQConfig(sensitivity="nope"), ["kl", "hessian"]),
     (lambda: hawq.QuantConfig(w_clip="nope"), ["minmax", "mse"]),
-    (lambda: __import__("hawq.models").models.get_spec("nope"), ["resnet20", "digits-cnn"]),
-    (lambda: __import__("hawq.allocation").allocation.allocate(
+    (lambda: __import__("hawq.modules.models").modules.models.get_spec("nope"), ["resnet20", "digits-cnn"]),
+    (lambda: __import__("hawq.maths.allocation").maths.allocation.allocate(
         np.ones((2, 2)), [10, 10], [4, 8], None, method="nope"), ["frontier", "ilp", "v1-rule"]),
 ])
 def test_unknown_registry_names_list_the_choices(make, names):
@@ -202,7 +202,7 @@ def test_unknown_registry_names_list_the_choices(make, names):
 
 
 def test_a_registered_sensitivity_is_a_cli_choice_of_a_fresh_parser(monkeypatch):
-    from hawq.sensitivities import SENSITIVITIES, register_sensitivity
+    from hawq.analysis.sensitivities import SENSITIVITIES, register_sensitivity
 
     monkeypatch.setattr(SENSITIVITIES, "_items", dict(SENSITIVITIES._items))
     with pytest.raises(SystemExit):
@@ -218,8 +218,8 @@ def test_a_registered_sensitivity_is_a_cli_choice_of_a_fresh_parser(monkeypatch)
 
 
 def test_a_registered_allocator_and_clip_method_are_valid_everywhere(monkeypatch):
-    from hawq.allocation import ALLOCATORS, allocate, omega_allocators, register_allocator
-    from hawq.quantizers import W_CLIPS, register_w_clip, weight_qparams
+    from hawq.maths.allocation import ALLOCATORS, allocate, omega_allocators, register_allocator
+    from hawq.maths.quantizers import W_CLIPS, register_w_clip, weight_qparams
 
     monkeypatch.setattr(ALLOCATORS, "_items", dict(ALLOCATORS._items))
     monkeypatch.setattr(W_CLIPS, "_items", dict(W_CLIPS._items))
@@ -317,7 +317,7 @@ def test_user_model_and_data_through_layers_eval_analyze(user_dir, capsys):
 
 
 def test_compress_and_zeroq_hand_the_user_model_to_the_workflow(user_dir, monkeypatch, capsys):
-    import hawq.workflow
+    import hawq.workflows.workflow
 
     seen = {}
 
@@ -325,8 +325,8 @@ def test_compress_and_zeroq_hand_the_user_model_to_the_workflow(user_dir, monkey
         seen.update(model=model, data=data, task=task, config=config, out_dir=out_dir)
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(hawq.workflow, "compress", fake)
-    monkeypatch.setattr(hawq.workflow, "zeroq", fake)
+    monkeypatch.setattr(hawq.workflows.workflow, "compress", fake)
+    monkeypatch.setattr(hawq.workflows.workflow, "zeroq", fake)
     assert main(["compress", "--model", "mymodels:make", "--data", "mymodels:data",
                  "--task", "classification", "--method", "cw-hawq", "--episodes", "3"]) == 2
     assert capsys.readouterr().err.strip() == "hawq: error: stop here"
@@ -346,7 +346,7 @@ def test_compress_and_zeroq_hand_the_user_model_to_the_workflow(user_dir, monkey
 
 
 def test_load_object_errors_say_what_to_do(user_dir):
-    from hawq.loading import load_object
+    from hawq.ui.loading import load_object
 
     cases = {"mymodels": "colon", "nothere:make": "current folder",
              "mymodels:nope": "has no attribute", "mymodels:broken": "weights file missing",
@@ -360,7 +360,7 @@ def test_load_object_errors_say_what_to_do(user_dir):
 
 
 def test_unpack_setup_and_data_read_every_form():
-    from hawq.loading import unpack_data, unpack_setup
+    from hawq.ui.loading import unpack_data, unpack_setup
 
     m = nn.Linear(2, 2)
     x = torch.zeros(4, 2)

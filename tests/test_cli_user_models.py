@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from hawq.cli import main
+from hawq.ui.cli import main
 
 MODULE = "usermods_cli"
 
@@ -255,7 +255,7 @@ def test_mobilenet_like_cnn_compress_export_onnx_report(in_folder, capsys):
     assert exp["rebuild"]["reproduces_run"] and exp["rebuild"]["outputs_equal"]
     assert exp["rebuild"]["value"] == pytest.approx(metrics["value"])
     assert exp["onnx"]["agreement"] >= 0.95
-    from hawq.export import load_quantized
+    from hawq.post.export import load_quantized
 
     assert load_quantized(in_folder / "cnn" / "model.safetensors") is not None  # by its name
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import hawq
-from hawq.data import load_cifar10, load_digits, resolve_data_dir
-from hawq.errors import ConfigError, DataError
-from hawq.models import build_model, get_spec
+from hawq.feed.data import load_cifar10, load_digits, resolve_data_dir
+from hawq.base.errors import ConfigError, DataError
+from hawq.modules.models import build_model, get_spec
 
 
 def test_missing_data_dir_says_what_to_pass(tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hawq
-from hawq.errors import ConfigError, DataError
-from hawq.export import (load_quantized, pack_bits, read_manifest, row_nbytes, save_quantized,
+from hawq.base.errors import ConfigError, DataError
+from hawq.post.export import (load_quantized, pack_bits, read_manifest, row_nbytes, save_quantized,
                          size_check, unpack_bits)
 
 
@@ -61,7 +61,7 @@ def _expected_packed_bits(model) -> tuple[int, int]:
     """(sum of params x bits, sum of row-padded bytes x 8) over quantized layers, brute force."""
     exact = padded = 0
     for _, m in model.named_modules():
-        if isinstance(m, hawq.qmodules.QuantMixin) and m.w_bits not in (16, 32):
+        if isinstance(m, hawq.modules.qmodules.QuantMixin) and m.w_bits not in (16, 32):
             rows, k = m.weight.shape[0], m.weight[0].numel()
             bits = m.w_bits if isinstance(m.w_bits, list) else [m.w_bits] * rows
             exact += sum(b * k for b in bits)
@@ -159,7 +159,7 @@ def test_roundtrip_asymmetric_per_tensor_weights(tmp_path):
 
 
 def test_registry_model_and_mismatch_errors(tmp_path):
-    from hawq.models import build_model
+    from hawq.modules.models import build_model
 
     model = build_model("digits-cnn", pretrained=False)
     x = torch.randn(16, 1, 8, 8)
@@ -186,7 +186,7 @@ def test_registry_model_and_mismatch_errors(tmp_path):
 def test_onnx_w8a8_and_int4_mixed_agree_with_pytorch(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from hawq.onnx_export import export_onnx, run_onnx
+    from hawq.post.onnx_export import export_onnx, run_onnx
 
     model, x = _quantized(hawq.BitPlan.uniform(8, 8))
     res = export_onnx(model, tmp_path / "m.onnx", x)
@@ -229,7 +229,7 @@ def test_onnx_w8a8_and_int4_mixed_agree_with_pytorch(tmp_path):
 
 def test_cli_export_model_plan_and_onnx(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
-    from hawq.cli import main
+    from hawq.ui.cli import main
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     plan = tmp_path / "plan.json"

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 
 from hawq import BitPlan, LayerSpec, evaluate
-from hawq.errors import ConfigError, NumericalError
-from hawq.finetune import (FinetuneConfig, augment_cifar, conv_bn_pairs, default_blocks,
+from hawq.base.errors import ConfigError, NumericalError
+from hawq.post.finetune import (FinetuneConfig, augment_cifar, conv_bn_pairs, default_blocks,
                            finetune, fold_bn_, lr_at, staged_order)
-from hawq.qmodules import QuantMixin
-from hawq.surgery import quantizable_layers
+from hawq.modules.qmodules import QuantMixin
+from hawq.modules.surgery import quantizable_layers
 
 
 class TinyNet(nn.Module):
@@ -90,7 +90,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, staged, stop, lea
 def test_learned_steps_train_fold_and_export_exactly(tmp_path):
     """learn_steps: the step sizes move during QAT, folding scales them with their channel
     (output unchanged), and the exported integer model reproduces the trained model."""
-    from hawq.export import load_quantized, save_quantized
+    from hawq.post.export import load_quantized, save_quantized
 
     x, y = _data(192)
     m = _model()
@@ -101,8 +101,8 @@ def test_learned_steps_train_fold_and_export_exactly(tmp_path):
     q = mods["block.conv"]
     assert q.w_step.shape == (8,) and q.act.learn and q.act.step.requires_grad
     start = _model()
-    from hawq.plan import QuantConfig
-    from hawq.surgery import quantize_
+    from hawq.maths.plan import QuantConfig
+    from hawq.modules.surgery import quantize_
     quantize_(start, PLAN, QuantConfig(learn_steps=True))
     assert not torch.allclose(start.block.conv.w_step, q.w_step)  # trained, not the init
     # the weight's integer grid uses the learned step: |w_q / step| are integers in range
@@ -127,7 +127,7 @@ def test_learned_steps_train_fold_and_export_exactly(tmp_path):
 
 
 def test_lsq_forward_matches_fake_quantize_and_step_gradient_is_lsq():
-    from hawq.quantizers import fake_quantize, lsq_fake_quantize, minmax_qparams
+    from hawq.maths.quantizers import fake_quantize, lsq_fake_quantize, minmax_qparams
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 50, generator=g) * 3
@@ -329,8 +329,8 @@ def _brute(omega, elements, bits, total_limit=None, largest=None):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_activation_allocation_is_exact_against_brute_force(seed):
-    from hawq.activations import allocate_activation_bits
-    from hawq.budgets import Budget
+    from hawq.analysis.activations import allocate_activation_bits
+    from hawq.maths.budgets import Budget
 
     rng = np.random.default_rng(seed)
     bits = [2, 4, 8]
@@ -351,9 +351,9 @@ def test_activation_allocation_is_exact_against_brute_force(seed):
 
 
 def test_activation_plan_on_a_model_meets_the_budget_and_errors_on_impossible():
-    from hawq.activations import activation_plan
-    from hawq.budgets import Budget
-    from hawq.errors import BudgetError
+    from hawq.analysis.activations import activation_plan
+    from hawq.maths.budgets import Budget
+    from hawq.base.errors import BudgetError
 
     m = _model()
     x, y = _data()
@@ -371,7 +371,7 @@ def test_activation_plan_on_a_model_meets_the_budget_and_errors_on_impossible():
 def test_cli_finetune_and_compress_finetune_write_their_outputs(tmp_path, capsys):
     import json
 
-    from hawq.cli import main
+    from hawq.ui.cli import main
 
     plan = tmp_path / "plan.json"
     BitPlan.uniform(4, 8).to_json(plan)
@@ -404,8 +404,8 @@ def test_cli_finetune_and_compress_finetune_write_their_outputs(tmp_path, capsys
 
 
 def test_cli_finetune_device_errors_say_what_to_pass(tmp_path, capsys):
-    from hawq.cli import main
-    from hawq.pipeline import resolve_device
+    from hawq.ui.cli import main
+    from hawq.post.pipeline import resolve_device
 
     plan = tmp_path / "plan.json"
     BitPlan.uniform(4, 8).to_json(plan)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
-from hawq.errors import ConfigError, DataError, NumericalError, UnsupportedLayerError
-from hawq.hessian import HessianResult, analyze
-from hawq.hessian_density import spectral_density
+from hawq.base.errors import ConfigError, DataError, NumericalError, UnsupportedLayerError
+from hawq.analysis.hessian import HessianResult, analyze
+from hawq.analysis.hessian_density import spectral_density
 
 
 def mlp():
@@ -234,7 +234,7 @@ def test_vectorized_probes_equal_sequential(metric, mode):
 
 
 def test_operator_products_equal_exact_hessian_times_vector():
-    from hawq.hessian import HessianOperator, as_batches, select_layers
+    from hawq.analysis.hessian import HessianOperator, as_batches, select_layers
 
     model = cnn()
     x, y = data((2, 5, 5))
@@ -406,8 +406,8 @@ def test_spectral_density_brackets_spectrum_and_estimates_trace():
 
 
 def test_activation_omega_matches_hand_computation():
-    from hawq.quantizers import dequantize, minmax_qparams, quantize
-    from hawq.sensitivity import activation_errors, activation_omega
+    from hawq.maths.quantizers import dequantize, minmax_qparams, quantize
+    from hawq.analysis.sensitivity import activation_errors, activation_omega
 
     model = mlp()
     x, y = data((5,), n=16)
@@ -425,8 +425,8 @@ def test_activation_omega_matches_hand_computation():
 
 
 def test_data_chunks_and_operator_accept_tasks_and_old_calls():
-    from hawq.hessian import HessianOperator, as_batches, data_chunks, select_layers
-    from hawq.tasks import as_task
+    from hawq.analysis.hessian import HessianOperator, as_batches, data_chunks, select_layers
+    from hawq.feed.tasks import as_task
 
     x, y = data((5,), n=10)
     assert [b[0].shape[0] for b in as_batches((x, y), 4)] == [4, 4, 2]  # (x, y) pairs as before

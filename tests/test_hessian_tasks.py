@@ -1,4 +1,4 @@
-"""The Hessian engine routed through hawq.tasks, against exact answers on tiny seeded models.
+"""The Hessian engine routed through hawq.feed.tasks, against exact answers on tiny seeded models.
 
 Exact Hessians come from torch.autograd.functional.hessian on functional_call of the task's own
 loss (not the engine's HVP code). Hutchinson estimates are compared within 3 of their standard
@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from hawq.errors import ConfigError, DataError
-from hawq.fisher import fisher_traces
-from hawq.hessian import analyze, select_layers
-from hawq.hessian_density import spectral_density
-from hawq.tasks import as_task, custom_task, split_batch
+from hawq.base.errors import ConfigError, DataError
+from hawq.analysis.fisher import fisher_traces
+from hawq.analysis.hessian import analyze, select_layers
+from hawq.analysis.hessian_density import spectral_density
+from hawq.feed.tasks import as_task, custom_task, split_batch
 
 FAST = dict(probe_batch=200, vectorized=True)
 V, D, T, N = 7, 3, 5, 8  # vocabulary, width, sequence length, samples

@@ -1,5 +1,5 @@
-"""The package's layers: imports point one way (down), never in a cycle, never at another
-module's private names. The map below is the contributor's guide (README "Where things go")."""
+"""The package's layers: sub-packages by layer, imports pointing one way (down), never in a
+cycle, never at another module's private names. README "Where things go" explains the map."""
 
 from __future__ import annotations
 
@@ -10,77 +10,74 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hawq"
 
-#: layer of every module; a module may import only from its own layer or below.
-LAYERS = {
-    # 0. foundations: errors, registries, atomic I/O, plotting helpers
-    "errors": 0, "registry": 0, "io": 0, "plots": 0,
-    # 1. pure maths: quantizer arithmetic, budgets, allocation (no modules, no data)
-    "quantizers": 1, "budgets": 1, "allocation": 1, "plan": 1, "ddpg": 1,
-    # 2. how a model is fed and judged; built-in datasets
-    "tasks": 2, "data": 2,
-    # 3. module surgery: quantized twins, attention, layer lists, built-in models, forward passes
-    "qmodules": 3, "attention": 3, "surgery": 3, "accounting": 3, "models": 3, "passes": 3,
-    "evaluate": 3,
-    # 4. sensitivity: Hessian engine, Fisher, measured losses, registries of metrics,
-    #    channel-wise and data-free sensitivities, distillation
-    "hessian": 4, "fisher": 4, "hessian_density": 4, "sensitivity": 4, "activations": 4,
-    "sensitivities": 4, "channelwise": 4, "zeroq": 4, "distill": 4,
-    # 5. post-training, fine-tuning, export; configs and allocation steps
-    "biascorr": 5, "refine": 5, "finetune": 5, "export": 5, "onnx_export": 5, "config": 5,
-    "pipeline": 5,
-    # 6. workflows
-    "workflow": 6,
-    # 7. user-facing: report, loading user objects, command line
-    "report": 7, "loading": 7, "cli": 8, "cli_export": 8, "__main__": 9, "__init__": 10,
-}
+#: sub-package -> layer; a module may import only from its own layer or below.
+LAYERS = {"base": 0, "maths": 1, "feed": 2, "modules": 3, "analysis": 4, "post": 5,
+          "workflows": 6, "ui": 7}
+#: the top-level modules: the public API (imports anything) and ``python -m hawq``.
+TOP = {"__init__": 8, "__main__": 9}
 
 
 def _modules() -> dict[str, Path]:
-    return {p.stem: p for p in SRC.glob("*.py")}
+    """'package.module' (or a top-level name) -> file, for every module of hawq."""
+    out = {p.stem: p for p in SRC.glob("*.py")}
+    for pkg in SRC.iterdir():
+        if pkg.is_dir() and (pkg / "__init__.py").is_file():
+            out.update({f"{pkg.name}.{p.stem}": p for p in pkg.glob("*.py")})
+    return out
+
+
+def _layer(name: str) -> int:
+    return TOP[name] if name in TOP else LAYERS[name.split(".")[0]]
 
 
 def _imports(path: Path) -> list[tuple[str, list[str], int]]:
-    """(hawq module imported, names taken from it, line) for every import in ``path``,
-    including imports inside functions."""
+    """(hawq module imported as 'package.module', names taken from it, line) for every import
+    in ``path``, including imports inside functions."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             parts = node.module.split(".")
             if parts[0] != "hawq":
                 continue
-            if len(parts) == 1:  # from hawq import x: x may be a module or a top-level name
+            if len(parts) == 1:
+                out.append(("__init__", [a.name for a in node.names], node.lineno))
+            elif len(parts) == 2:  # from hawq.pkg import module
                 for a in node.names:
-                    out.append((a.name if a.name in LAYERS else "__init__", [a.name], node.lineno))
+                    out.append((f"{parts[1]}.{a.name}", [], node.lineno))
             else:
-                out.append((parts[1], [a.name for a in node.names], node.lineno))
+                out.append((".".join(parts[1:3]), [a.name for a in node.names], node.lineno))
         elif isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
                 if parts[0] == "hawq":
-                    out.append((parts[1] if len(parts) > 1 else "__init__", [], node.lineno))
+                    out.append((".".join(parts[1:3]) if len(parts) > 2 else "__init__", [],
+                                node.lineno))
     return out
 
 
-def test_every_module_has_a_layer():
-    missing = sorted(set(_modules()) - set(LAYERS))
-    assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+def test_every_module_is_in_a_layer_package():
+    stray = [n for n in _modules() if "." not in n and n not in TOP]
+    assert not stray, f"put these modules in a layer package (see LAYERS): {stray}"
+    unknown = [n for n in _modules() if "." in n and n.split(".")[0] not in LAYERS]
+    assert not unknown, f"add these packages to LAYERS in {__file__}: {unknown}"
 
 
 def test_imports_point_down():
     bad = []
     for name, path in _modules().items():
         for target, _names, line in _imports(path):
-            if target == name:
+            if target == name or target.endswith(".__init__"):
                 continue
-            if LAYERS.get(target, 99) > LAYERS[name]:
-                bad.append(f"{name}.py:{line} imports {target} (layer {LAYERS.get(target)} > "
-                           f"{LAYERS[name]})")
+            if _layer(target) > _layer(name):
+                bad.append(f"{name}:{line} imports {target} (layer {_layer(target)} > "
+                           f"{_layer(name)})")
     assert not bad, "upward imports:\n" + "\n".join(bad)
 
 
 def test_no_import_cycles():
-    graph = {name: {t for t, _, _ in _imports(p) if t != name and t in LAYERS}
-             for name, p in _modules().items()}
+    mods = _modules()
+    graph = {name: {t for t, _, _ in _imports(p) if t != name and t in mods}
+             for name, p in mods.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -105,7 +102,7 @@ def test_no_import_cycles():
 
 
 def test_no_private_names_of_other_modules():
-    bad = [f"{name}.py:{line} imports {target}.{n}"
+    bad = [f"{name}:{line} imports {target}.{n}"
            for name, path in _modules().items()
            for target, names, line in _imports(path) if target != name
            for n in names if n.startswith("_") and not n.startswith("__")]
@@ -113,27 +110,26 @@ def test_no_private_names_of_other_modules():
 
 
 def test_library_never_imports_the_cli():
-    bad = [f"{name}.py:{line}" for name, path in _modules().items()
-           if name not in ("cli", "cli_export", "__main__")
-           for target, _n, line in _imports(path) if target in ("cli", "cli_export")]
+    bad = [f"{name}:{line}" for name, path in _modules().items()
+           if name not in ("ui.cli", "ui.cli_export", "__main__")
+           for target, _n, line in _imports(path) if target in ("ui.cli", "ui.cli_export")]
     assert not bad, f"library modules importing the CLI: {bad}"
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in SRC.glob("*.py")
-                                        if not p.stem.startswith("_")))
+@pytest.mark.parametrize("name", sorted(n for n in _modules()
+                                        if not n.split(".")[-1].startswith("_")))
 def test_every_module_declares_all(name):
-    tree = ast.parse((SRC / f"{name}.py").read_text())
+    tree = ast.parse(_modules()[name].read_text())
     names = {t.id for node in tree.body if isinstance(node, ast.Assign)
              for t in node.targets if isinstance(t, ast.Name)}
     names |= {node.target.id for node in tree.body if isinstance(node, ast.AnnAssign)
               and isinstance(node.target, ast.Name)}
-    assert "__all__" in names, f"hawq/{name}.py has no __all__"
+    assert "__all__" in names, f"hawq/{name.replace('.', '/')}.py has no __all__"
 
 
-def test_layer_test_catches_an_upward_import(tmp_path, monkeypatch):
-    """The checker itself: a fake low-level module importing the workflow is reported."""
+def test_the_checker_sees_an_upward_import(tmp_path):
+    """The checker itself: a foundation module importing the workflow is reported upward."""
     fake = tmp_path / "errors.py"
-    fake.write_text("from hawq.workflow import compress\n")
-    found = _imports(fake)
-    assert found == [("workflow", ["compress"], 1)]
-    assert LAYERS["workflow"] > LAYERS["errors"]
+    fake.write_text("def f():\n    from hawq.workflows.workflow import compress\n")
+    assert _imports(fake) == [("workflows.workflow", ["compress"], 2)]
+    assert _layer("workflows.workflow") > _layer("base.errors")

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from hawq.errors import DataError
-from hawq.passes import StopForward, as_inputs, as_pair, hooked, run_batches
+from hawq.base.errors import DataError
+from hawq.modules.passes import StopForward, as_inputs, as_pair, hooked, run_batches
 
 
 def test_as_pair_accepts_datasets_and_pairs_and_names_the_argument():

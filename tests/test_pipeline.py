@@ -3,10 +3,10 @@ import json
 import pytest
 
 import hawq
-from hawq.cli import main
-from hawq.errors import BudgetError, ConfigError
-from hawq.config import CompressConfig
-from hawq.workflow import compress
+from hawq.ui.cli import main
+from hawq.base.errors import BudgetError, ConfigError
+from hawq.post.config import CompressConfig
+from hawq.workflows.workflow import compress
 
 
 def test_config_presets_and_validation():
@@ -74,7 +74,7 @@ def test_auto_refine_without_held_out_images_warns_and_keeps_the_plan(caplog):
     cfg = CompressConfig(model="digits-cnn", bits=(2, 4, 8), target_avg_bits=3.0,
                          hessian_samples=32, max_probes=3, calib_samples=100_000,
                          test_samples=50)
-    with caplog.at_level("WARNING", logger="hawq.workflow"):
+    with caplog.at_level("WARNING", logger="hawq.workflows.workflow"):
         res = compress(cfg)
     assert res.refinement is None and "not refined" in caplog.text
 

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from hawq.allocation import Budget, allocate, pareto_frontier, uniform_points
-from hawq.budgets import size_limit_bits
-from hawq.errors import ConfigError
-from hawq.plots import plot_frontier, plot_layer_bits
+from hawq.maths.allocation import Budget, allocate, pareto_frontier, uniform_points
+from hawq.maths.budgets import size_limit_bits
+from hawq.base.errors import ConfigError
+from hawq.base.plots import plot_frontier, plot_layer_bits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,9 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 from hawq import BitPlan, LayerSpec, QuantConfig, quantize_
-from hawq.allocation import allocate
-from hawq.budgets import Budget
-from hawq.sensitivities import sensitivity_costs
+from hawq.maths.allocation import allocate
+from hawq.maths.budgets import Budget
+from hawq.analysis.sensitivities import sensitivity_costs
 
 
 class TwoBranch(nn.Module):

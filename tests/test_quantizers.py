@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from hawq.errors import ConfigError
-from hawq.quantizers import (check_bits, dequantize, fake_quantize, minmax_qparams,
+from hawq.base.errors import ConfigError
+from hawq.maths.quantizers import (check_bits, dequantize, fake_quantize, minmax_qparams,
                              mse_clip_ratios, quantization_error, quantize, weight_qparams)
 
 

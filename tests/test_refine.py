@@ -1,4 +1,4 @@
-"""hawq.refine: the exchange search measures real quantized models, respects the budget, ends
+"""hawq.post.refine: the exchange search measures real quantized models, respects the budget, ends
 at a local optimum of its objective and leaves the model as it found it."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hawq import BitPlan, BudgetError, ConfigError, DataError, LayerSpec, quantize_
-from hawq.allocation import allocate
-from hawq.budgets import Budget
-from hawq.refine import AUTO_REFINE_MAX_BITS, auto_refines, refine_plan
+from hawq.maths.allocation import allocate
+from hawq.maths.budgets import Budget
+from hawq.post.refine import AUTO_REFINE_MAX_BITS, auto_refines, refine_plan
 
 NAMES = ["0", "2", "4", "6"]
 BITS = np.array([2, 3, 4, 8])
@@ -129,7 +129,7 @@ def test_refine_errors_name_the_fix():
 
 
 def test_exchanges_that_need_several_layers_down_or_up_are_offered():
-    from hawq.refine import _Moves
+    from hawq.post.refine import _Moves
 
     # one 40-weight layer at 4 bits, four 10-weight layers at 8: raising the big one to 8 bits
     # needs all four small ones at 4, which no one-for-one exchange reaches
@@ -148,7 +148,7 @@ def test_exchanges_that_need_several_layers_down_or_up_are_offered():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 6), st.integers(0, 10_000), st.floats(0.05, 0.95))
 def test_every_candidate_fits_keeps_pins_and_predicts_its_omega_change(n, seed, r):
-    from hawq.refine import _Moves
+    from hawq.post.refine import _Moves
 
     rng = np.random.default_rng(seed)
     params = rng.integers(1, 50, n).astype(float)

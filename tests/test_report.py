@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hawq.errors import DataError
-from hawq.report import NOT_COMPUTED, load_run, record_command, write_report
+from hawq.base.errors import DataError
+from hawq.ui.report import NOT_COMPUTED, load_run, record_command, write_report
 
 SECTIONS = ["command", "summary", "layers", "frontier", "sensitivity", "density", "finetune",
             "export"]
@@ -18,10 +18,10 @@ SECTIONS = ["command", "summary", "layers", "frontier", "sensitivity", "density"
 
 def _fake_result(L: int = 6):
     """A CompressResult with a real allocation over a made-up Omega (no model, no data)."""
-    from hawq.allocation import allocate
-    from hawq.budgets import Budget
-    from hawq.config import CompressConfig
-    from hawq.workflow import CompressResult
+    from hawq.maths.allocation import allocate
+    from hawq.maths.budgets import Budget
+    from hawq.post.config import CompressConfig
+    from hawq.workflows.workflow import CompressResult
 
     rng = np.random.default_rng(0)
     bits = np.array([2, 4, 8])
@@ -53,7 +53,7 @@ def _fake_result(L: int = 6):
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    from hawq.workflow import write_outputs
+    from hawq.workflows.workflow import write_outputs
 
     res, omega, params, names = _fake_result()
     out = tmp_path / "run"
@@ -139,14 +139,14 @@ def test_report_with_missing_pieces_says_not_computed(tmp_path, run_dir):
 
 
 def test_cli_report_and_compress_records_command(tmp_path, run_dir, monkeypatch, capsys):
-    import hawq.workflow
-    from hawq.cli import main
+    import hawq.workflows.workflow
+    from hawq.ui.cli import main
 
     assert main(["report", str(run_dir), "--open-html-path"]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
 
     res, *_ = _fake_result()
-    monkeypatch.setattr(hawq.workflow, "compress",
+    monkeypatch.setattr(hawq.workflows.workflow, "compress",
                         lambda model, data, task=None, config=None, out_dir=None,
                         progress=False: res)
     out = tmp_path / "r2"
@@ -194,9 +194,9 @@ def test_reconstructed_command_parses_back_to_the_same_config():
     import shlex
     from dataclasses import asdict
 
-    from hawq.cli import build_parser
-    from hawq.config import CompressConfig
-    from hawq.report import reconstructed_command
+    from hawq.ui.cli import build_parser
+    from hawq.post.config import CompressConfig
+    from hawq.ui.report import reconstructed_command
 
     cfg = CompressConfig(model="resnet20", bits=(2, 3, 4, 8), target_avg_bits=3.5,
                          probe_mode="layer", max_probes=20, refine=True, refine_samples=200,

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import hawq
-from hawq.errors import ConfigError, DataError
-from hawq.qmodules import QConv1d, QConv2d, QLinear
+from hawq.base.errors import ConfigError, DataError
+from hawq.modules.qmodules import QConv1d, QConv2d, QLinear
 
 
 class Tiny(nn.Module):
@@ -159,8 +159,8 @@ def test_twin_state_lives_on_the_layer_device(learn):
     stands in for a GPU on CPU-only CI: any tensor made on the default device shows up as cpu."""
     from dataclasses import replace
 
-    from hawq.qmodules import to_twin
-    from hawq.quantizers import mse_clip_ratios
+    from hawq.modules.qmodules import to_twin
+    from hawq.maths.quantizers import mse_clip_ratios
 
     conv = nn.Conv2d(3, 4, 3).to("meta")
     twin = to_twin(conv, hawq.LayerSpec(3, 4),

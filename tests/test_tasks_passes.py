@@ -1,4 +1,4 @@
-"""Passes through hawq.tasks: evaluate, measured sensitivities, refinement, calibration, layer
+"""Passes through hawq.feed.tasks: evaluate, measured sensitivities, refinement, calibration, layer
 tables and bias correction on token models, dict batches, HF-style outputs and embeddings,
 checked against hand computations."""
 
@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import hawq
-from hawq.budgets import Budget
-from hawq.errors import DataError, NumericalError
-from hawq.evaluate import EvalResult, evaluate
-from hawq.refine import refine_plan
-from hawq.sensitivity import measured_loss_increase
-from hawq.tasks import as_task
+from hawq.maths.budgets import Budget
+from hawq.base.errors import DataError, NumericalError
+from hawq.modules.evaluate import EvalResult, evaluate
+from hawq.post.refine import refine_plan
+from hawq.analysis.sensitivity import measured_loss_increase
+from hawq.feed.tasks import as_task
 
 V, T, D = 11, 6, 8
 
@@ -336,7 +336,7 @@ def test_bad_data_raises_data_errors_naming_the_argument_or_task():
 
 
 def test_activation_plan_reads_dict_batches_and_token_models():
-    from hawq.activations import activation_plan
+    from hawq.analysis.activations import activation_plan
 
     plan = activation_plan(_hf(), _hf_batch(20), total=Budget("avg_bits", 4), samples=12,
                            max_probes=8)

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 
 from hawq import BitPlan, LayerSpec, evaluate
-from hawq.channelwise import ChannelRewardModel
-from hawq.errors import ConfigError
-from hawq.finetune import FinetuneConfig, finetune, has_soft_targets
-from hawq.tasks import as_task
-from hawq.zeroq import hessian_sensitivity, kl_sensitivity
+from hawq.analysis.channelwise import ChannelRewardModel
+from hawq.base.errors import ConfigError
+from hawq.post.finetune import FinetuneConfig, finetune, has_soft_targets
+from hawq.feed.tasks import as_task
+from hawq.analysis.zeroq import hessian_sensitivity, kl_sensitivity
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 12, 10
@@ -182,7 +182,7 @@ def test_finetune_embedding_task_keeps_the_encoder_close_to_float(caplog):
     model = _encoder()
     cfg = FinetuneConfig(epochs=6, lr=0.05, batch_size=32, bn_fold_at=None, calib_samples=64,
                          distill=0.5, learn_steps=False)
-    with caplog.at_level(logging.WARNING, logger="hawq.finetune"):
+    with caplog.at_level(logging.WARNING, logger="hawq.post.finetune"):
         res = finetune(model, plan, x, cfg, progress=False, task=task, eval_data=x)
     assert "no logits to distil" in caplog.text  # distill falls back to the task loss
     cos_ptq = evaluate(ptq, x, task=task).value
@@ -228,10 +228,10 @@ def test_classification_default_is_the_same_run_with_task_none_name_or_object():
 
 
 def _committed_finetune(folder):
-    """hawq.finetune as committed (git HEAD), loaded as a separate module from a copy in
+    """hawq.post.finetune as committed (git HEAD), loaded as a separate module from a copy in
     ``folder``; None when the checkout has no git history or that version no longer imports."""
     try:
-        src = subprocess.run(["git", "show", "HEAD:src/hawq/finetune.py"], cwd=REPO,
+        src = subprocess.run(["git", "show", "HEAD:src/hawq/post/finetune.py"], cwd=REPO,
                              capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -336,7 +336,7 @@ def test_kl_sensitivity_through_tasks():
                           task="causal-lm", vectorize=False)
     np.testing.assert_allclose(kl, loop, rtol=1e-6, atol=1e-12)
     # per position KL averaged over the positions, by brute force for fc2 at 2 bits
-    from hawq.quantizers import fake_quantize, weight_qparams
+    from hawq.maths.quantizers import fake_quantize, weight_qparams
 
     q = _lm()
     with torch.no_grad():
@@ -355,10 +355,10 @@ def test_kl_sensitivity_through_tasks():
 def test_hessian_sensitivity_of_a_causal_lm():
     import inspect
 
-    from hawq.hessian import analyze
+    from hawq.analysis.hessian import analyze
 
     if "task" not in inspect.signature(analyze).parameters:
-        pytest.skip("hawq.hessian.analyze has no task= yet")
+        pytest.skip("hawq.analysis.hessian.analyze has no task= yet")
     model = _lm()
     omega, stats = hessian_sensitivity(model, _tokens(16), bits=(2, 4, 8), max_probes=6,
                                        task="causal-lm")
@@ -369,7 +369,7 @@ def test_hessian_sensitivity_of_a_causal_lm():
 # ----------------------------------------------------------------------------- distill label term
 
 def test_distill_label_term_reads_logits_from_model_outputs():
-    from hawq.distill import distill_data
+    from hawq.analysis.distill import distill_data
 
     class Net(nn.Module):
         def __init__(self, wrap):

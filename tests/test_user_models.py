@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hawq
-from hawq.config import CompressConfig
-from hawq.errors import DataError
-from hawq.export import load_quantized, roundtrip_equal, save_quantized
-from hawq.report import write_report
-from hawq.workflow import compress
+from hawq.post.config import CompressConfig
+from hawq.base.errors import DataError
+from hawq.post.export import load_quantized, roundtrip_equal, save_quantized
+from hawq.ui.report import write_report
+from hawq.workflows.workflow import compress
 
 FAST = dict(target_compression=8, bits=(2, 4, 8), hessian_samples=32, max_probes=6,
             calib_samples=32, refine_samples=32, refine_candidates=4)
@@ -290,9 +290,9 @@ def _cnn_and_data():
 
 
 def test_zeroq_channelwise_and_finetune_take_the_users_model(tmp_path):
-    from hawq.config import ZeroQConfig
-    from hawq.finetune import FinetuneConfig
-    from hawq.workflow import finetune_plan, zeroq
+    from hawq.post.config import ZeroQConfig
+    from hawq.post.finetune import FinetuneConfig
+    from hawq.workflows.workflow import finetune_plan, zeroq
 
     model, x, y = _cnn_and_data()
     zq = zeroq(model, {"test": (x[96:], y[96:])}, out_dir=tmp_path / "zq",

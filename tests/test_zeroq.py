@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hawq.cli import main
-from hawq.distill import bn_statistics_loss, distill_data, infer_input_shape
-from hawq.errors import ConfigError
-from hawq.quantizers import fake_quantize, weight_qparams
-from hawq.config import ZeroQConfig
-from hawq.workflow import zeroq
-from hawq.zeroq import hessian_sensitivity, kl_sensitivity
+from hawq.ui.cli import main
+from hawq.analysis.distill import bn_statistics_loss, distill_data, infer_input_shape
+from hawq.base.errors import ConfigError
+from hawq.maths.quantizers import fake_quantize, weight_qparams
+from hawq.post.config import ZeroQConfig
+from hawq.workflows.workflow import zeroq
+from hawq.analysis.zeroq import hessian_sensitivity, kl_sensitivity
 
 
 @pytest.fixture(autouse=True)
@@ -206,8 +206,8 @@ def test_hessian_sensitivity_on_distilled_data():
     omega, stats = hessian_sensitivity(m, x, bits=(2, 4, 8), max_probes=6)
     assert omega.shape == (3, 3) and np.all(np.isfinite(omega))
     assert stats["labels"] == m(x).argmax(1).tolist()
-    from hawq.hessian import analyze
-    from hawq.sensitivity import weight_errors
+    from hawq.analysis.hessian import analyze
+    from hawq.analysis.sensitivity import weight_errors
 
     labels = torch.tensor(stats["labels"])
     res = analyze(m, (x, labels), metric="trace", seed=0, max_probes=6)

@@ -6,24 +6,24 @@ budget), :func:`quantize_` / :func:`calibrate_` (in place), :func:`evaluate`, :f
 its own data and :class:`Task`.
 """
 
-from hawq.accounting import BudgetReport, budget_report, count_params
-from hawq.allocation import Allocation, allocate
-from hawq.biascorr import bias_correct_
-from hawq.budgets import Budget
-from hawq.config import CompressConfig, ZeroQConfig
-from hawq.errors import (BudgetError, ConfigError, DataError, HawqError, NumericalError,
+from hawq.modules.accounting import BudgetReport, budget_report, count_params
+from hawq.maths.allocation import Allocation, allocate
+from hawq.post.biascorr import bias_correct_
+from hawq.maths.budgets import Budget
+from hawq.post.config import CompressConfig, ZeroQConfig
+from hawq.base.errors import (BudgetError, ConfigError, DataError, HawqError, NumericalError,
                          UnsupportedLayerError)
-from hawq.evaluate import EvalResult, evaluate
-from hawq.export import load_quantized, save_quantized
-from hawq.finetune import FinetuneConfig, finetune
-from hawq.hessian import HessianResult, analyze
-from hawq.plan import BitPlan, LayerSpec, QuantConfig
-from hawq.refine import refine_plan
-from hawq.sensitivities import register_sensitivity, sensitivity_costs
-from hawq.surgery import (LayerInfo, QuantizeReport, calibrate_, current_plan, layers,
+from hawq.modules.evaluate import EvalResult, evaluate
+from hawq.post.export import load_quantized, save_quantized
+from hawq.post.finetune import FinetuneConfig, finetune
+from hawq.analysis.hessian import HessianResult, analyze
+from hawq.maths.plan import BitPlan, LayerSpec, QuantConfig
+from hawq.post.refine import refine_plan
+from hawq.analysis.sensitivities import register_sensitivity, sensitivity_costs
+from hawq.modules.surgery import (LayerInfo, QuantizeReport, calibrate_, current_plan, layers,
                           quantizable_layers, quantize_)
-from hawq.tasks import Task, custom_task, register_task
-from hawq.workflow import CompressResult, Splits, compress, finetune_plan, zeroq
+from hawq.feed.tasks import Task, custom_task, register_task
+from hawq.workflows.workflow import CompressResult, Splits, compress, finetune_plan, zeroq
 
 __version__ = "0.2.0"
 

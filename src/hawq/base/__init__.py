@@ -1,0 +1,1 @@
+"""Foundations: exception types, registries, atomic I/O, plots."""

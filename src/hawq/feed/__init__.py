@@ -1,0 +1,1 @@
+"""How a model is fed and judged (tasks, the one data reader) and the built-in datasets."""

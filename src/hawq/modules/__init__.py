@@ -1,0 +1,1 @@
+"""Module surgery: quantized twins, attention, layer lists, built-in models, forward passes, evaluation."""

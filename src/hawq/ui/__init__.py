@@ -1,0 +1,1 @@
+"""User-facing: the report, loading user factories, the command line."""

@@ -1,0 +1,1 @@
+"""Workflows: the one skeleton shared by compress, zeroq and the channel-wise methods."""
