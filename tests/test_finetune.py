@@ -379,7 +379,7 @@ def test_cli_finetune_and_compress_finetune_write_their_outputs(tmp_path, capsys
     assert main(["finetune", "--plan", str(plan), "--epochs", "2", "--steps-per-epoch", "3",
                  "--out", str(out), "--test-samples", "200", "--a-avg-bits", "6"]) == 0
     res = json.loads((out / "finetune.json").read_text())
-    assert len(res["finetune"]["history"]) == 2 and 0 <= res["accuracy"] <= 1
+    assert len(res["finetune"]["history"]) == 2 and res["accuracy"] > 0.8 < res["ptq_accuracy"]
     assert res["activations"]["avg_bits"] <= 6 + 1e-9
     assert (out / "model.pt").exists() and (out / "last.pt").exists()
     # resuming a finished run trains nothing more and gives the same accuracy
