@@ -94,12 +94,12 @@ def main() -> None:
                 if r.get("uniform") is None:
                     continue
                 bits = [round(32 / comp)] * len(names)
+            elif key == "aware":
+                bits = aware[comp]
             elif key == "default" and not r.get("default refined"):
                 continue  # not refined: the same plan as "hybrid ilp"
             elif key + " bits" not in r:
                 continue
-            elif key == "aware":
-                bits = aware[comp]
             else:
                 bits = r[key + " bits"]
             plan = hawq.BitPlan({n: hawq.LayerSpec(int(b), 32) for n, b in zip(names, bits)})
