@@ -218,7 +218,10 @@ def _compress_export_report(folder, capsys, name, model, data=None, extra=(), on
     out = capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
     assert 7.0 <= metrics["budget"]["weight_compression"] <= 8.5
-    rc = main(["export", "--run", str(run), "--json", str(run / "export.json"),
+    # the user names the factories again: a run's files never name code to import
+    rc = main(["export", "--run", str(run), "--model", f"{MODULE}:{model}",
+               *(["--data", f"{MODULE}:{data}"] if data else []),
+               "--json", str(run / "export.json"),
                *(["--onnx", str(run / "model.onnx")] if onnx else [])])
     cap = capsys.readouterr()
     assert (run / "model.safetensors").is_file() and (run / "model.json").is_file()
@@ -255,9 +258,14 @@ def test_mobilenet_like_cnn_compress_export_onnx_report(in_folder, capsys):
     assert exp["rebuild"]["reproduces_run"] and exp["rebuild"]["outputs_equal"]
     assert exp["rebuild"]["value"] == pytest.approx(metrics["value"])
     assert exp["onnx"]["agreement"] >= 0.95
+    from hawq.base.errors import ConfigError
     from hawq.post.export import load_quantized
 
-    assert load_quantized(in_folder / "cnn" / "model.safetensors") is not None  # by its name
+    with pytest.raises(ConfigError, match="model="):  # the manifest's factory is not imported
+        load_quantized(in_folder / "cnn" / "model.safetensors")
+    from usermods_cli import mobilenet
+
+    assert load_quantized(in_folder / "cnn" / "model.safetensors", model=mobilenet) is not None
 
 
 def test_transformer_encoder_on_token_ids(in_folder, capsys):

@@ -133,7 +133,9 @@ def test_roundtrip_mixed_per_channel_mse_and_float_layers(tmp_path):
                          "fc": hawq.LayerSpec(2, 32)})
     model, x = _quantized(plan, hawq.QuantConfig(w_clip="mse"))
     res = save_quantized(model, tmp_path / "m.safetensors", model_name="test_export:tiny_factory")
-    loaded = load_quantized(tmp_path / "m.safetensors")  # rebuilt from the manifest's name
+    with pytest.raises(ConfigError, match="model="):  # a manifest's name is never imported
+        load_quantized(tmp_path / "m.safetensors")
+    loaded = load_quantized(tmp_path / "m.safetensors", model=tiny_factory)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     man = read_manifest(tmp_path / "m.safetensors")
@@ -241,7 +243,7 @@ def test_cli_export_model_plan_and_onnx(tmp_path, monkeypatch, capsys):
     assert rc == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["size_check"]["ok"] and r["onnx"]["agreement"] == 1.0
-    loaded = load_quantized(out)
+    loaded = load_quantized(out, model=tiny_factory)  # the user's model: the caller names it
     assert hawq.current_plan(loaded).spec_for("fc") == hawq.LayerSpec(4, 8)
     assert main(["export", "--model", "digits-cnn"]) == 2  # plan/out missing: clear error
     assert "give --run DIR" in capsys.readouterr().err

@@ -148,7 +148,7 @@ def test_cli_report_and_compress_records_command(tmp_path, run_dir, monkeypatch,
     res, *_ = _fake_result()
     monkeypatch.setattr(hawq.workflows.workflow, "compress",
                         lambda model, data, task=None, config=None, out_dir=None,
-                        progress=False: res)
+                        progress=False, **kw: res)
     out = tmp_path / "r2"
     argv = ["compress", "--target-compression", "8", "--out", str(out)]
     assert main(argv) == 0

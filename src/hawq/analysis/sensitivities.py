@@ -27,8 +27,8 @@ from hawq.base.registry import Registry
 from hawq.analysis.sensitivity import measured_loss_increase, omega_matrix, weight_errors
 from hawq.feed.tasks import Task, as_task
 
-__all__ = ["SENSITIVITIES", "SensitivityContext", "hessian_warnings", "register_sensitivity",
-           "sensitivity_costs"]
+__all__ = ["SENSITIVITIES", "SensitivityContext", "clamp_curvature", "hessian_warnings",
+           "negative_curvature", "register_sensitivity", "sensitivity_costs"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def register_sensitivity(name: str) -> Callable:
     return SENSITIVITIES.register(name)
 
 
+def clamp_curvature(scores: Sequence[float]) -> np.ndarray:
+    """Per-layer curvature scores (average traces, top eigenvalues) with negative estimates
+    clamped at 0: a negative Hutchinson trace is noise around a small curvature (few probes),
+    and a negative cost would make the allocator *prefer* quantizing that layer harder. At 0 the
+    layer is treated as having zero curvature (quantizing it costs nothing in the quadratic
+    model), which :func:`hessian_warnings` tells the user. NaN/inf stay (``omega_matrix`` rejects
+    them). Cost: O(L)."""
+    return np.maximum(np.asarray(scores, dtype=float), 0.0)
+
+
 def _top_eigen(layers: Sequence[Any]) -> list[float]:
     return [lh.eigenvalue if np.isscalar(lh.eigenvalue) else lh.eigenvalue[0] for lh in layers]
 
@@ -94,14 +104,15 @@ def _hawq_v2(ctx: SensitivityContext) -> tuple[np.ndarray, dict[str, Any]]:
     """HAWQ-V2: Tr(H_i)/n_i x ||Q_b(W_i) - W_i||^2. Cost: one Hutchinson run."""
     res = ctx.analyze("trace")
     stats = {"hessian": res.to_dict(), "probe_mode": ctx.probe_mode}
-    return omega_matrix([lh.avg_trace for lh in res.layers], ctx.errors()), stats
+    return omega_matrix(clamp_curvature([lh.avg_trace for lh in res.layers]), ctx.errors()), stats
 
 
 @register_sensitivity("hawq-v1")
 def _hawq_v1(ctx: SensitivityContext) -> tuple[np.ndarray, dict[str, Any]]:
     """HAWQ-V1: lambda_max(H_i) x ||Q_b(W_i) - W_i||^2. Cost: power iteration per layer."""
     res = ctx.analyze("eigen")
-    return omega_matrix(_top_eigen(res.layers), ctx.errors()), {"hessian": res.to_dict()}
+    return (omega_matrix(clamp_curvature(_top_eigen(res.layers)), ctx.errors()),
+            {"hessian": res.to_dict()})
 
 
 @register_sensitivity("fisher")
@@ -109,7 +120,8 @@ def _fisher(ctx: SensitivityContext) -> tuple[np.ndarray, dict[str, Any]]:
     """Empirical-Fisher trace / n_i x ||Q_b(W_i) - W_i||^2. Cost: one pass of per-sample
     gradients over the Hessian data (no probes)."""
     res = ctx.analyze("fisher")
-    return omega_matrix([lh.avg_trace for lh in res.layers], ctx.errors()), {"hessian": res.to_dict()}
+    return (omega_matrix(clamp_curvature([lh.avg_trace for lh in res.layers]), ctx.errors()),
+            {"hessian": res.to_dict()})
 
 
 def _measured(ctx: SensitivityContext) -> np.ndarray:
@@ -164,17 +176,34 @@ def sensitivity_costs(model: nn.Module, calib: Any, names: list[str], bits: tupl
     return np.asarray(omega, dtype=float), stats
 
 
+def negative_curvature(stats: dict[str, Any]) -> list[str]:
+    """Names of the layers in ``stats["hessian"]`` whose trace, average trace or top eigenvalue
+    estimate is negative (their cost is clamped at 0, see :func:`clamp_curvature`)."""
+    out = []
+    for lh in (stats.get("hessian") or {}).get("layers") or []:
+        eig = lh.get("eigenvalue")
+        if isinstance(eig, list):
+            eig = eig[0] if eig else None
+        vals = [lh.get("trace"), lh.get("avg_trace"), eig]
+        if any(isinstance(v, (int, float)) and v < 0 for v in vals):
+            out.append(lh.get("name"))
+    return out
+
+
 def hessian_warnings(stats: dict[str, Any], tol: float | None = None) -> list[str]:
-    """Warnings a user should read about the Hessian estimates in ``stats``: negative traces
-    (the quadratic model is then meaningless for that layer) and layers whose relative
+    """Warnings a user should read about the Hessian estimates in ``stats``: negative traces or
+    eigenvalues (clamped at 0 by :func:`clamp_curvature`: zero curvature) and layers whose relative
     standard error is above ``tol`` (default 0.1) — each says what to do."""
     out = []
     layers = (stats.get("hessian") or {}).get("layers") or []
-    neg = [lh["name"] for lh in layers if (lh.get("trace") is not None and lh["trace"] < 0)]
+    neg = negative_curvature(stats)
     if neg:
-        out.append(f"negative Hessian trace estimate for {neg}: the layer's cost uses a negative "
-                   "curvature; raise --max-probes or use --probe-mode layer (or --sensitivity "
-                   "hybrid, which also measures the loss)")
+        out.append(f"negative Hessian estimate (average trace or top eigenvalue) for "
+                   f"{neg[:8]}{'...' if len(neg) > 8 else ''}: too few probes for the noise; it "
+                   "is treated as zero curvature (clamped at 0, so the allocator sees no cost in "
+                   "quantizing the layer and gives it the fewest bits the budget allows); raise "
+                   "--max-probes or set a smaller --tol (or use --probe-mode layer, or "
+                   "--sensitivity hybrid, which also measures the loss)")
     lim = 0.1 if tol is None else tol
     loose = [lh["name"] for lh in layers
              if lh.get("stderr") is not None and lh.get("trace")

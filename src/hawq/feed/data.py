@@ -7,6 +7,7 @@ current directory) when it exists.
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -66,23 +67,81 @@ def normalize_cifar(images_uint8: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def _check_limit(limit: int | None, offset: int = 0) -> None:
+    """Raise ConfigError unless ``limit`` is None or an integer >= 1 and ``offset`` >= 0 (a
+    negative slice would silently take almost everything)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
+                              or limit < 1):
+        raise ConfigError(f"limit={limit!r}: give the number of samples as an integer >= 1 "
+                          "(or None for all)")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ConfigError(f"offset={offset!r}: give an integer >= 0")
+
+
+def _cifar_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N×32×32×3, labels N integers in 0..9) of one split of ``path``, checked.
+    Raises :class:`DataError` naming the file and what is wrong: not a readable .npz (truncated,
+    not a zip, pickled objects), missing keys (the keys it has are listed), wrong shapes or
+    dtypes, different image/label counts, labels outside 0..9, no samples."""
+    fix = (f"replace {path} with the shared cifar10.npz (x_train/x_test uint8 N×32×32×3, "
+           "y_train/y_test labels 0..9) or pass another --data-dir")
+    keys = (f"x_{split}", f"y_{split}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            have = list(npz.files) if hasattr(npz, "files") else []
+            missing = [k for k in keys if k not in have]
+            if missing:
+                raise DataError(f"{path} has no {missing} (it has {have[:8]}): {fix}")
+            x, y = npz[keys[0]], npz[keys[1]]
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file from outside: any failure means unusable
+        raise DataError(f"{path} is not a readable .npz archive ({type(e).__name__}: "
+                        f"{_short(e)}); it may be truncated or corrupt: {fix}") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (32, 32, 3):
+        raise DataError(f"{path}: {keys[0]} is {x.dtype} of shape {tuple(x.shape)}, expected "
+                        f"uint8 images N×32×32×3: {fix}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: {keys[1]} is {y.dtype} of shape {tuple(y.shape)}, expected N "
+                        f"integer labels: {fix}")
+    if len(x) != len(y):
+        raise DataError(f"{path}: {keys[0]} has {len(x)} images but {keys[1]} has {len(y)} "
+                        f"labels: {fix}")
+    if len(y) == 0:
+        raise DataError(f"{path}: the {split} split holds no samples: {fix}")
+    if y.min() < 0 or y.max() > 9:
+        raise DataError(f"{path}: {keys[1]} has labels in {int(y.min())}..{int(y.max())}, "
+                        f"expected 0..9 (CIFAR-10 classes): {fix}")
+    return x, y
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def load_cifar10(data_dir: str | os.PathLike | None = None, split: str = "test",
                  limit: int | None = None, offset: int = 0) -> TensorDataset:
     """Load CIFAR-10 from ``<data_dir>/cifar10.npz`` as a normalised ``TensorDataset``.
 
     Returns (images float32 N×3×32×32, labels int64 N), normalised exactly as the shared
-    README says. ``limit``/``offset`` take a contiguous slice. Cost: one read of the npz
-    (about 1 s for the test split).
+    README says. ``limit``/``offset`` take a contiguous slice (``limit`` >= 1 or None for all,
+    ``offset`` >= 0; else :class:`ConfigError`). The file is checked (readable, keys, uint8
+    N×32×32×3 images, integer labels 0..9, matching counts, not empty): a bad one raises
+    :class:`DataError` naming it and what is wrong. Cost: one read of the npz (about 1 s for
+    the test split).
     """
     if split not in ("train", "test"):
         raise ConfigError(f"split={split!r}: use 'train' or 'test'")
+    _check_limit(limit, offset)
     path = resolve_data_dir(data_dir) / "cifar10.npz"
     if not path.is_file():
         raise DataError(f"{path} is missing: pass --data-dir (or HAWQ_DATA) pointing at the folder "
                         "holding cifar10.npz")
-    with np.load(path) as npz:
-        x = npz[f"x_{split}"]
-        y = npz[f"y_{split}"]
+    x, y = _cifar_arrays(path, split)
+    if offset >= len(y):
+        raise DataError(f"{path}: offset={offset} is past the {len(y)} {split} samples: give a "
+                        "smaller offset")
     stop = None if limit is None else offset + limit
     x, y = x[offset:stop], y[offset:stop]
     return TensorDataset(normalize_cifar(x), torch.from_numpy(y.astype(np.int64)))
@@ -108,7 +167,10 @@ def load_digits(split: str = "test", seed: int = 0) -> TensorDataset:
 
 def load_dataset(name: str, split: str = "test", data_dir: str | os.PathLike | None = None,
                  limit: int | None = None) -> TensorDataset:
-    """Load a dataset by name: ``"cifar10"`` (shared file) or ``"digits"`` (bundled)."""
+    """Load a dataset by name: ``"cifar10"`` (shared file) or ``"digits"`` (bundled), the first
+    ``limit`` samples of ``split`` (``limit`` >= 1, or None for all; else :class:`ConfigError`).
+    Cost: see :func:`load_cifar10` / :func:`load_digits`."""
+    _check_limit(limit)
     if name == "cifar10":
         return load_cifar10(data_dir, split, limit)
     if name == "digits":

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -137,10 +138,41 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
             if not path.is_file():
                 raise DataError(f"pretrained weights {path} are missing: pass --data-dir (or set "
                                 f"HAWQ_DATA) to the folder holding resnet{depth}_cifar10.pt")
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            _load_weights(model, path, f"ResNet-{depth}")
         return model.eval()
 
     return build
+
+
+def _load_weights(model: nn.Module, path: os.PathLike, what: str) -> None:
+    """Load the state dict in ``path`` (tensors only: ``weights_only=True``) into ``model``.
+    Raises :class:`DataError` naming the file when it cannot be read (truncated, corrupt, not
+    a PyTorch file, holds objects other than tensors) or does not hold ``what``'s weights
+    (missing/unexpected keys, other shapes)."""
+    fix = f"replace it with the original {Path(path).name} or pass another --data-dir"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a file from outside: any failure means unusable
+        text = " ".join(str(e).split())
+        raise DataError(f"pretrained weights {path} cannot be read ({type(e).__name__}: "
+                        f"{text[:160]}); the file may be truncated or corrupt: {fix}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                              for k, v in state.items()):
+        raise DataError(f"pretrained weights {path} hold a {type(state).__name__}, not a state "
+                        f"dict of tensors: {fix}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state  # BatchNorm fills in an old file's counter
+               and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+               for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or resized:
+        parts = [f"missing {missing[:4]}" if missing else "",
+                 f"unexpected {unexpected[:4]}" if unexpected else "",
+                 f"other shapes {resized[:3]}" if resized else ""]
+        raise DataError(f"pretrained weights {path} are not {what}'s weights ("
+                        f"{'; '.join(x for x in parts if x)}): {fix}")
+    model.load_state_dict(state)
 
 
 @functools.lru_cache(maxsize=2)
@@ -177,6 +209,29 @@ register_model(ModelSpec("digits-cnn", "digits", (1, 8, 8), _digits))
 REGISTRY = MODELS
 
 
+def _import_file(path: Path):
+    """The module of the Python file ``path`` (the one :mod:`hawq.ui.loading` imported for the
+    same file when it did, else imported now under the same name)."""
+    import importlib.util
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {str(path)!r}")
+    key = f"hawq_user_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(key, None)
+        raise
+    return module
+
+
 def _user_spec(name: str) -> ModelSpec:
     """Spec of ``package.module:factory`` (imported with the current folder on ``sys.path``).
     The CLI reads richer factories (``(model, task, data)``, dicts) with :mod:`hawq.ui.loading`."""
@@ -184,10 +239,18 @@ def _user_spec(name: str) -> ModelSpec:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does
     try:
-        factory = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model {name!r}: cannot import {attr!r} from {mod_name!r} ({exc}); "
-                          "give 'package.module:factory' importable from the current folder")
+        if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
+            module = _import_file(Path(mod_name).expanduser())
+        else:
+            module = importlib.import_module(mod_name)
+        factory = module
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except Exception as exc:  # noqa: BLE001 - the user's module: its failure is theirs to fix
+        raise ConfigError(f"model {name!r}: cannot import {attr!r} from {mod_name!r} "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); give "
+                          "'package.module:factory' importable from the current folder or "
+                          "'path/to/file.py:factory', and fix the module so it imports") from None
     shape = tuple(getattr(factory, "input_shape", ()))
     dataset = getattr(factory, "dataset", None)
 

@@ -33,10 +33,12 @@ from typing import Any
 
 from hawq.base.errors import ConfigError
 
-__all__ = ["CHANNELWISE_ALLOCATORS", "CompressConfig", "DATA_SOURCES", "METHODS",
+__all__ = ["CHANNELWISE_ALLOCATORS", "CompressConfig", "DATA_SOURCES", "METHODS", "RANGES",
            "ZEROQ_SENSITIVITIES", "ZeroQConfig", "add_config_args", "allocator_names",
-           "config_from_args", "config_from_dict", "config_to_argv", "flag_of", "model_help",
-           "sensitivity_names", "task_names", "w_clip_names", "zeroq_allocator_names"]
+           "arg_type", "check_value", "config_from_args", "config_from_dict", "config_to_argv",
+           "flag_of", "model_help", "non_negative_float", "non_negative_int", "positive_float",
+           "positive_int", "sensitivity_names", "task_names", "unit_float", "w_clip_names",
+           "zeroq_allocator_names"]
 
 #: Method presets: name -> (sensitivity or None to keep the configured one, allocator).
 METHODS: dict[str, tuple[str | None, str]] = {
@@ -151,6 +153,101 @@ def _check_positive(cfg: Any, names: Iterable[str]) -> None:
             raise ConfigError(f"{name}={v!r}: give an integer >= 1")
 
 
+# ----------------------------------------------------------------------------- value ranges
+# A field's ``metadata["check"]`` names one of these ranges; ``__post_init__`` checks it
+# (:func:`_check_ranges`) and :func:`add_config_args` gives the flag a parsing type that checks
+# it too (:func:`arg_type`), so ``CompressConfig(test_samples=0)`` and ``--test-samples 0``
+# fail alike, before any work.
+
+#: Range name -> (test, what to give for an int, what to give for a float).
+RANGES: dict[str, tuple[Callable[[float], bool], str, str]] = {
+    "positive": (lambda v: v > 0, "an integer >= 1", "a number > 0"),
+    "non-negative": (lambda v: v >= 0, "an integer >= 0", "a number >= 0"),
+    "unit": (lambda v: 0 <= v <= 1, "0 or 1", "a number in [0, 1]"),
+    "compression": (lambda v: v >= 1, "an integer >= 1",
+                    ("a number >= 1 (the weight compression vs FP32, e.g. 8; below 1 would "
+                     "allow a model larger than FP32)")),
+    "avg-bits": (lambda v: 0 < v <= 32, "an integer in 1..32",
+                 "a number in (0, 32] (average weight bits; FP32 is 32)"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in 0..4294967295", "an integer"),
+}
+
+
+def check_value(value: Any, kind: type, check: str, name: str) -> Any:
+    """``value`` checked against the range ``check`` (a key of :data:`RANGES`) as a ``kind``
+    (``int`` or ``float``; a float also takes an int, never a bool, NaN or inf). Returns it
+    (an int given for a float stays an int). Raises :class:`ConfigError` ``"name=value: give
+    ..."`` naming the range. Cost: nothing."""
+    import math
+    import numbers
+
+    test, int_text, float_text = RANGES[check]
+    want = int_text if kind is int else float_text
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or (kind is int and not isinstance(value, numbers.Integral)) \
+            or not math.isfinite(value) or not test(value):
+        raise ConfigError(f"{name}={value!r}: give {want}")
+    return value
+
+
+def arg_type(kind: type, check: str, flag: str = "value") -> Callable[[str], Any]:
+    """An ``argparse`` ``type=`` function: parses the text as ``kind`` (``int``/``float``) and
+    checks the range ``check`` (:data:`RANGES`); a bad value raises
+    ``argparse.ArgumentTypeError`` saying what to give (argparse adds the flag)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        try:
+            return check_value(value, kind, check, flag)
+        except ConfigError:
+            want = RANGES[check][1 if kind is int else 2]
+            raise argparse.ArgumentTypeError(f"{text!r}: give {want}") from None
+
+    parse.__name__ = f"{check}_{kind.__name__}"
+    return parse
+
+
+#: Parsing types for the CLI's own flags (outside the config classes).
+positive_int = arg_type(int, "positive")
+non_negative_int = arg_type(int, "non-negative")
+positive_float = arg_type(float, "positive")
+non_negative_float = arg_type(float, "non-negative")
+unit_float = arg_type(float, "unit")
+
+
+def _check_ranges(cfg: Any) -> None:
+    """Check every field of ``cfg`` whose metadata names a range (None passes)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        check = f.metadata.get("check")
+        v = getattr(cfg, f.name)
+        if check is None or v is None:
+            continue
+        tp = hints[f.name]
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) \
+            else (tp,)
+        check_value(v, int if int in args else float, check, f.name)
+
+
+def _check_bit_list(bits: Any, name: str = "bits") -> tuple[int, ...]:
+    """``bits`` (candidate weight bit widths) as a sorted tuple without repeats, each checked by
+    :func:`hawq.maths.quantizers.check_bits` (symmetric: 2..8, 16/32). Raises
+    :class:`ConfigError` for a string, a scalar, a non-integer or an unsupported width."""
+    from hawq.maths.quantizers import check_bits
+
+    if isinstance(bits, (str, bytes)) or not isinstance(bits, Iterable):
+        raise ConfigError(f"{name}={bits!r}: give a tuple of candidate weight bit widths, e.g. "
+                          "(2, 4, 8)")
+    out = tuple(sorted({check_bits(b, name, symmetric=True) for b in bits}))
+    if not out:
+        raise ConfigError(f"{name} is empty: give candidate weight bit widths, e.g. (2, 4, 8)")
+    return out
+
+
 def _default_target(cfg: Any, *others: Any) -> bool:
     """Whether ``cfg`` names no size target and none of ``others`` (then compression 8)."""
     return all(v is None for v in (cfg.target_compression, cfg.target_avg_bits,
@@ -208,32 +305,34 @@ class CompressConfig:
     a_bits: int = _f(8, "activation bits", group=_BUDGET)
     target_compression: float | None = _f(None, "weight compression vs FP32 (e.g. 8 = average "
                                           "4 bits); 8 when no target or limit is given",
-                                          group=_BUDGET)
-    target_avg_bits: float | None = _f(None, "average weight bits", group=_BUDGET)
-    target_bytes: float | None = _f(None, "quantized weight bytes", group=_BUDGET)
+                                          group=_BUDGET, check="compression")
+    target_avg_bits: float | None = _f(None, "average weight bits", group=_BUDGET,
+                                       check="avg-bits")
+    target_bytes: float | None = _f(None, "quantized weight bytes", group=_BUDGET,
+                                    check="positive")
     target_fraction: float | None = _f(None, "r in [0, 1] between all-lowest and all-highest "
-                                       "bits (HAWQ-V3)", group=_BUDGET)
+                                       "bits (HAWQ-V3)", group=_BUDGET, check="unit")
     bops_limit: float | None = _f(None, "BOPs limit in G (MACs x w_bits x a_bits)",
-                                  flag="--bops", group=_BUDGET, metavar="G")
+                                  flag="--bops", group=_BUDGET, metavar="G", check="positive")
     latency_table: str | None = _f(None, "JSON {layer: {bits: latency}} for --latency-limit",
                                    group=_BUDGET, metavar="FILE")
     latency_limit: float | None = _f(None, "total latency limit (needs --latency-table)",
-                                     group=_BUDGET)
+                                     group=_BUDGET, check="positive")
     pin_first_last: int | None = _f(None, "keep the first and last layer at BITS (one of "
                                     "--bits)", group=_BUDGET, metavar="BITS")
     hessian_samples: int = _f(256, "samples for the Hessian (the first of the calibration data)",
-                              aliases=("--samples",), group="sensitivity")
-    max_probes: int = _f(50, "Hutchinson probes at most", group="sensitivity")
+                              aliases=("--samples",), group="sensitivity", check="positive")
+    max_probes: int = _f(50, "Hutchinson probes at most", group="sensitivity", check="positive")
     tol: float = _f(1e-2, "Hutchinson: stop at this relative standard error of the trace",
-                    group="sensitivity")
+                    group="sensitivity", check="non-negative")
     probe_mode: str = _f("joint", "Hutchinson probes: 'joint' (one HVP per probe for all "
                          "layers) or 'layer' (each layer alone: L HVPs per probe, lower "
                          "variance; the better choice for --method hawq-v2)",
                          choices=probe_mode_names, group="sensitivity")
     calib_samples: int = _f(512, "calibration samples (activation ranges, measured losses)",
-                            group="quantization")
+                            group="quantization", check="positive")
     test_samples: int | None = _f(None, "limit the test samples (default: all)",
-                                  group="quantization")
+                                  group="quantization", check="positive")
     w_clip: str = _f("minmax", "weight clipping: minmax (full range) or mse (MSE-optimal "
                      "clipping search, best at 2-4 bits)", choices=w_clip_names,
                      group="quantization")
@@ -247,15 +346,17 @@ class CompressConfig:
                             "where the per-layer cost model is weakest; --no-refine: never",
                             group="refinement")
     refine_samples: int = _f(1024, "held-out samples for refinement (built-in models: the "
-                             "training samples after the calibration ones)", group="refinement")
+                             "training samples after the calibration ones)", group="refinement",
+                             check="positive")
     refine_candidates: int = _f(16, "exchanges measured per refinement round",
-                                group="refinement")
-    seed: int = _f(0, "random seed", group=_MODEL)
-    episodes: int = _f(100, "cw-hawq: DDPG episodes", group="channel-wise methods")
+                                group="refinement", check="positive")
+    seed: int = _f(0, "random seed", group=_MODEL, check="seed")
+    episodes: int = _f(100, "cw-hawq: DDPG episodes", group="channel-wise methods",
+                       check="positive")
     reward_samples: int = _f(1000, "cw-hawq: held-out samples for the DDPG reward",
-                             group="channel-wise methods")
+                             group="channel-wise methods", check="positive")
     channel_groups: int = _f(4, "cw-hessian: trace-sorted channel groups per layer",
-                             group="channel-wise methods")
+                             group="channel-wise methods", check="positive")
     compare_uniform: bool = _f(True, "also quantize and evaluate the uniform plan of the same "
                                "size (one more calibration and test pass)", group="quantization")
     task: str = _f("classification", "how the model is fed and judged (hawq.feed.tasks.TASKS)",
@@ -280,9 +381,11 @@ class CompressConfig:
         _check(self.task, task_names(), "task")
         _check_spec(self.data, "data")
         _check_model(self.model, "CompressConfig")
-        self.bits = tuple(sorted(set(int(b) for b in self.bits)))
-        if not self.bits:
-            raise ConfigError("bits is empty: give candidate weight bit widths, e.g. (2, 4, 8)")
+        from hawq.maths.quantizers import check_bits
+
+        self.bits = _check_bit_list(self.bits)
+        check_bits(self.a_bits, "a_bits")
+        _check_ranges(self)
         if len(_targets(self)) > 1:
             raise ConfigError("give one size target: target_compression, target_avg_bits, "
                               "target_bytes or target_fraction")
@@ -339,17 +442,19 @@ class ZeroQConfig:
                             group=_BUDGET)
     target_compression: float | None = _f(None, "weight compression vs FP32 (e.g. 8 = average "
                                           "4 bits); 8 when no target, --w-bits or limit is "
-                                          "given", group=_BUDGET)
-    target_avg_bits: float | None = _f(None, "average weight bits", group=_BUDGET)
-    target_bytes: float | None = _f(None, "quantized weight bytes", group=_BUDGET)
+                                          "given", group=_BUDGET, check="compression")
+    target_avg_bits: float | None = _f(None, "average weight bits", group=_BUDGET,
+                                       check="avg-bits")
+    target_bytes: float | None = _f(None, "quantized weight bytes", group=_BUDGET,
+                                    check="positive")
     target_fraction: float | None = _f(None, "r in [0, 1] between all-lowest and all-highest "
-                                       "bits (HAWQ-V3)", group=_BUDGET)
+                                       "bits (HAWQ-V3)", group=_BUDGET, check="unit")
     bops_limit: float | None = _f(None, "BOPs limit in G (MACs x w_bits x a_bits)",
-                                  flag="--bops", group=_BUDGET, metavar="G")
+                                  flag="--bops", group=_BUDGET, metavar="G", check="positive")
     latency_table: str | None = _f(None, "JSON {layer: {bits: latency}} for --latency-limit",
                                    group=_BUDGET, metavar="FILE")
     latency_limit: float | None = _f(None, "total latency limit (needs --latency-table)",
-                                     group=_BUDGET)
+                                     group=_BUDGET, check="positive")
     pin_first_last: int | None = _f(None, "keep the first and last layer at BITS (one of "
                                     "--bits)", group=_BUDGET, metavar="BITS")
     sensitivity: str = _f("kl", "kl (ZeroQ: KL of the outputs) or hessian (HAWQ-V2 trace on "
@@ -359,23 +464,25 @@ class ZeroQConfig:
                         "needs only Omega", choices=zeroq_allocator_names, group="method")
     data_source: str = _f("distilled", "inputs for sensitivity and calibration (distilled: "
                           "zero-shot)", choices=lambda: list(DATA_SOURCES), group="method")
-    distill_batch: int = _f(32, "distilled inputs", group="distillation")
-    distill_iters: int = _f(500, "distillation iterations", group="distillation")
-    distill_lr: float = _f(0.5, "distillation learning rate", group="distillation")
+    distill_batch: int = _f(32, "distilled inputs", group="distillation", check="positive")
+    distill_iters: int = _f(500, "distillation iterations", group="distillation",
+                            check="non-negative")
+    distill_lr: float = _f(0.5, "distillation learning rate", group="distillation",
+                           check="positive")
     distill_init: str = _f("uniform", "initial distilled inputs: uniform (the reference's) or "
                            "gaussian", group="distillation")
     distill_label_weight: float = _f(10.0, "weight of a cross-entropy term toward round-robin "
                                      "class labels added to ZeroQ's BN loss (0 = ZeroQ's own "
-                                     "loss)", group="distillation")
+                                     "loss)", group="distillation", check="non-negative")
     input_shape: tuple[int, ...] | None = _f(None, "per-sample input shape, e.g. 3,32,32 "
                                              "(default: the model's, or inferred)",
                                              group="distillation", metavar="D1,D2,...")
     calib_samples: int = _f(512, "calibration samples for --data-source real/noise",
-                            group="quantization")
+                            group="quantization", check="positive")
     hessian_max_probes: int = _f(50, "--sensitivity hessian: Hutchinson probes at most",
-                                 flag="--max-probes", group="quantization")
+                                 flag="--max-probes", group="quantization", check="positive")
     hessian_tol: float = _f(1e-2, "--sensitivity hessian: relative standard error target",
-                            flag="--tol", group="quantization")
+                            flag="--tol", group="quantization", check="non-negative")
     w_clip: str = _f("minmax", "weight clipping: minmax (full range) or mse (MSE-optimal "
                      "clipping search)", choices=w_clip_names, group="quantization")
     a_calibration: str = _f("minmax", "activation ranges: minmax or percentile",
@@ -383,10 +490,10 @@ class ZeroQConfig:
     evaluate: bool = _f(True, "measure FP32 and quantized metrics on the real test data "
                         "(report only)", aliases=("--no-eval",), group="quantization")
     test_samples: int | None = _f(None, "limit the test samples (default: all)",
-                                  group="quantization")
+                                  group="quantization", check="positive")
     compare_uniform: bool = _f(True, "also quantize and evaluate the uniform plan of the same "
                                "size (one more calibration and test pass)", group="quantization")
-    seed: int = _f(0, "random seed", group=_MODEL)
+    seed: int = _f(0, "random seed", group=_MODEL, check="seed")
     task: str = _f("classification", "how the model is fed and judged (hawq.feed.tasks.TASKS)",
                    choices=task_names, group=_MODEL)
     data: str | None = _f(None, "your test data: 'pkg.module:factory' returning {'test': ...} "
@@ -404,16 +511,18 @@ class ZeroQConfig:
         _check(self.task, task_names(), "task")
         _check_spec(self.data, "data")
         _check_model(self.model, "ZeroQConfig")
-        self.bits = tuple(sorted(set(int(b) for b in self.bits)))
-        if not self.bits:
-            raise ConfigError("bits is empty: give candidate weight bit widths, e.g. (2, 4, 8)")
-        for b in self.bits:
-            check_bits(b, "bits", symmetric=True)
+        self.bits = _check_bit_list(self.bits)
         check_bits(self.a_bits, "a_bits")
         if self.w_bits is not None:
             check_bits(self.w_bits, "w_bits", symmetric=True)
+        _check_ranges(self)
         if self.input_shape is not None:
-            self.input_shape = tuple(int(s) for s in self.input_shape)
+            shape = self.input_shape
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable) or not shape:
+                raise ConfigError(f"input_shape={shape!r}: give the per-sample shape as a tuple "
+                                  "of positive integers, e.g. (3, 32, 32)")
+            self.input_shape = tuple(check_value(d, int, "positive", "input_shape entry")
+                                     for d in shape)
         targets = _targets(self)
         if len(targets) > 1:
             raise ConfigError("give one size target: target_compression, target_avg_bits, "
@@ -544,7 +653,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Iterable[s
                      else default)
             help_ += f" (default: {shown})"
         else:
-            kw["type"] = _ints if kind == "ints" else scalar
+            kw["type"] = (_ints if kind == "ints" else
+                          arg_type(scalar, f.metadata["check"], flag)
+                          if f.metadata.get("check") else scalar)
             choices = f.metadata.get("choices")
             if choices is not None:
                 kw["choices"] = list(choices())

@@ -19,16 +19,20 @@
   against :func:`hawq.modules.accounting.budget_report`, and the SHA-256 of the tensor file (a manifest
   never pairs with another run's tensors).
 
-:func:`load_quantized` rebuilds the model (architecture from the manifest, or a skeleton you
-pass) with :class:`PackedWeightMixin` twins whose weight quantization parameters are the stored
-ones, so its outputs equal the fake-quantized model's bit for bit (``torch.equal``).
+:func:`load_quantized` rebuilds the model (architecture from a skeleton you pass, or a built-in
+registry name in the manifest) with :class:`PackedWeightMixin` twins whose weight quantization
+parameters are the stored ones, so its outputs equal the fake-quantized model's bit for bit
+(``torch.equal``). Loading never imports or calls anything a manifest names (a checkpoint is
+data, not code), confines the tensor file to the manifest's own folder and checks every field
+it uses, and the sizes against the tensor file, before allocating anything.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
+import math
+import re
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +45,7 @@ import torch.nn as nn
 from hawq.modules.attention import pin_slow_path_
 from hawq.base.errors import ConfigError, DataError, UnsupportedLayerError
 from hawq.base.io import atomic_write_bytes, atomic_write_text
-from hawq.maths.plan import BitPlan, LayerSpec, QuantConfig
+from hawq.maths.plan import A_CALIBRATIONS, BitPlan, LayerSpec, QuantConfig
 from hawq.modules.qmodules import TWINS, QuantMixin, layer_bias, layer_weight, layer_weight_key, to_twin
 from hawq.maths.quantizers import QParams, dequantize, int_range, quantize
 
@@ -189,7 +193,7 @@ def packed_class(twin_type: type) -> type:
         cls = type(f"Packed{twin_type.__name__}", (PackedWeightMixin, twin_type),
                    {"__module__": __name__, "__qualname__": f"Packed{twin_type.__name__}"})
         _PACKED[twin_type] = cls
-        globals()[cls.__name__] = cls  # importable by name (pickle, deepcopy)
+        globals()[cls.__name__] = cls  # a module-level name, as for any class (deepcopy)
     return _PACKED[twin_type]
 
 
@@ -411,44 +415,204 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, model_name: str | 
 
 # ----------------------------------------------------------------------------- load
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
+
+
+_ACT_STATES = ("calibrating", "frozen")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_tensor_name(name: Any, mpath: Path) -> None:
+    """``tensors`` must be a plain file name in the manifest's own folder."""
+    bad = (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+           or "\\" in name or "\0" in name or os.sep in name
+           or (os.altsep is not None and os.altsep in name) or Path(name).is_absolute()
+           or Path(name).drive)
+    if not bad:
+        try:
+            folder = mpath.parent.resolve()
+            bad = (folder / name).resolve().parent != folder
+        except (OSError, ValueError, RuntimeError):  # too long, a symlink loop, ...
+            bad = True
+    if bad:
+        raise DataError(f"manifest {str(mpath)!r}: 'tensors' = {name!r} is not a plain file name "
+                        "in the manifest's own folder (no path separators, no '..', no links "
+                        "leading out): the manifest is damaged or crafted; export again")
+
+
+def _check_layer(name: str, e: Any, mpath: Path) -> None:
+    """One ``layers`` entry of a manifest: every field :func:`load_quantized` uses has the
+    right type, and a packed layer's rows/row_len/bits/weight_shape agree (DataError naming
+    the field otherwise). Pure: allocates nothing proportional to the values it checks."""
+    where = f"manifest {str(mpath)!r}, layer {name!r}"
+
+    def bad(field_: str, want: str) -> DataError:
+        got = e.get(field_, "<missing>") if isinstance(e, dict) else e
+        text = repr(got)
+        return DataError(f"{where}: {field_!r} is {text[:80]}, expected {want}; the manifest "
+                         "is damaged or was edited: export again")
+
+    if not isinstance(e, dict):
+        raise DataError(f"{where}: the entry is a {type(e).__name__}, expected an object of "
+                        "layer fields; the manifest is damaged or was edited: export again")
+    shape = e.get("weight_shape")
+    if not (isinstance(shape, list) and shape and all(_is_int(d) and d >= 1 for d in shape)):
+        raise bad("weight_shape", "a non-empty list of positive integers")
+    for key in ("w_symmetric", "w_per_channel"):
+        if not isinstance(e.get(key), bool):
+            raise bad(key, "true or false")
+    if not isinstance(e.get("packed", False), bool):
+        raise bad("packed", "true or false")
+    packed = e.get("packed", False)
+    w = e.get("w_bits")
+    if packed:
+        ok = (_is_int(w) and 1 <= w <= 8) or (
+            isinstance(w, list) and w and all(_is_int(b) and 1 <= b <= 8 for b in w))
+        if not ok:
+            raise bad("w_bits", "an integer in 1..8 or a list of them (one per row)")
+    elif not (_is_int(w) or (isinstance(w, list) and w and all(_is_int(b) for b in w))):
+        raise bad("w_bits", "an integer bit width or a list of them")
+    if not _is_int(e.get("a_bits")):
+        raise bad("a_bits", "an integer bit width")
+    try:
+        LayerSpec(w, e["a_bits"])
+    except ConfigError as exc:
+        raise DataError(f"{where}: {exc}; the manifest is damaged or was edited: export "
+                        "again") from None
+    act = e.get("act")
+    if not isinstance(act, dict):
+        raise bad("act", "an object (the activation quantizer)")
+    act_want = {"bits": (lambda v: _is_int(v) and (1 <= v <= 8 or v in (16, 32)),
+                         "a bit width in 1..8, or 16/32"),
+                "state": (lambda v: v in _ACT_STATES, f"one of {list(_ACT_STATES)}"),
+                "method": (lambda v: v in A_CALIBRATIONS, f"one of {list(A_CALIBRATIONS)}"),
+                "percentile": (_is_num, "a finite number"),
+                "scale": (lambda v: v is None or (_is_num(v) and abs(v) < 1e38),
+                          "a finite float32 number or null"),
+                "zero_point": (lambda v: v is None or (_is_int(v) and abs(v) < 2**31),
+                               "an int32 or null"),
+                "learned": (lambda v: isinstance(v, bool), "true or false")}
+    for key, (check, want) in act_want.items():
+        if key == "learned" and key not in act:
+            continue
+        if key not in act or not check(act[key]):
+            got = repr(act.get(key, "<missing>"))[:80]
+            raise DataError(f"{where}: 'act.{key}' is {got}, expected {want}; the manifest is "
+                            "damaged or was edited: export again")
+    if act.get("learned") and act["scale"] is not None and act["zero_point"] is None:
+        raise bad("act", "a zero_point with the learned scale")
+    if not packed:
+        return
+    rows, row_len = e.get("rows"), e.get("row_len")
+    if not (_is_int(rows) and rows == shape[0]):
+        raise bad("rows", f"the weight's first dimension {shape[0]} (weight_shape {shape})")
+    if not (_is_int(row_len) and row_len == math.prod(shape[1:])):
+        raise bad("row_len", f"{math.prod(shape[1:])}, the product of weight_shape[1:] "
+                             f"(weight_shape {shape})")
+    if isinstance(w, list) and len(w) != rows:
+        raise bad("w_bits", f"one bit width per row ({rows} rows), got {len(w)}")
+    if not isinstance(e.get("per_tensor_scale"), bool):
+        raise bad("per_tensor_scale", "true or false")
+    if "nbytes" in e and e["nbytes"] != _packed_nbytes(w, rows, row_len):
+        raise bad("nbytes", f"{_packed_nbytes(w, rows, row_len)} for {rows} rows of {row_len} "
+                            f"values at w_bits {w if _is_int(w) else 'per row'}")
+
+
+def _packed_nbytes(bits: int | list[int], rows: int, row_len: int) -> int:
+    """Bytes of a packed weight (Python ints: no allocation, however large the numbers)."""
+    if isinstance(bits, list):
+        return sum((b * row_len + 7) // 8 for b in bits)
+    return rows * ((bits * row_len + 7) // 8)
+
+
+def _check_manifest(man: dict[str, Any], mpath: Path) -> None:
+    """Schema of a packed-checkpoint manifest (see :func:`read_manifest`)."""
+    where = f"manifest {str(mpath)!r}"
+    version = man.get("format_version", 0)
+    if not _is_int(version):
+        raise DataError(f"{where}: 'format_version' is {version!r}, expected an integer; the "
+                        "manifest is damaged or was edited: export again")
+    if version > FORMAT_VERSION:
+        raise DataError(f"{where} has format version {version}, newer than this hawq "
+                        f"({FORMAT_VERSION}): upgrade hawq")
+    _check_tensor_name(man.get("tensors"), mpath)
+    sha = man.get("sha256")
+    if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+        raise DataError(f"{where}: 'sha256' is {repr(sha)[:80]}, expected 64 lowercase hex "
+                        "digits; the manifest is damaged or was edited: export again")
+    ident = man.get("model", {})
+    if not isinstance(ident, dict):
+        raise DataError(f"{where}: 'model' is a {type(ident).__name__}, expected an object "
+                        "(name, class); the manifest is damaged or was edited: export again")
+    for key in ("name", "class"):
+        if ident.get(key) is not None and not isinstance(ident[key], str):
+            raise DataError(f"{where}: 'model.{key}' is {repr(ident[key])[:80]}, expected a "
+                            "string or null; the manifest is damaged or was edited: export again")
+    layers = man.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise DataError(f"{where}: 'layers' is {repr(layers)[:80]}, expected a non-empty object "
+                        "(layer name -> fields); the manifest is damaged or was edited: export "
+                        "again")
+    for name, entry in layers.items():
+        if not name:
+            raise DataError(f"{where}: a layer has an empty name; export again")
+        _check_layer(name, entry, mpath)
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a packed checkpoint (give the .safetensors or the manifest path)."""
+    """The manifest of a packed checkpoint (give the .safetensors or the manifest path),
+    checked against the schema: every field :func:`load_quantized` uses has the right type,
+    ``tensors`` is a plain file name in the manifest's folder, and each packed layer's rows,
+    row length, bits and weight shape agree. Raises DataError naming the field otherwise.
+    Cost: reading and checking the JSON (nothing is allocated from its numbers)."""
     from hawq.base.io import read_json
 
     path = Path(path)
     mpath = path if path.suffix == ".json" else manifest_path_for(path)
     man = read_json(mpath, "packed-checkpoint manifest")
     if not isinstance(man, dict) or man.get("format") != FORMAT:
+        fmt = man.get("format") if isinstance(man, dict) else None
         raise DataError(f"{str(mpath)!r} is not a hawq packed-checkpoint manifest (format "
-                        f"{man.get('format') if isinstance(man, dict) else None!r})")
-    if int(man.get("format_version", 0)) > FORMAT_VERSION:
-        raise DataError(f"{str(mpath)!r} has format version {man['format_version']}, newer than "
-                        f"this hawq ({FORMAT_VERSION}): upgrade hawq")
+                        f"{repr(fmt)[:80]})")
+    _check_manifest(man, mpath)
     return man
 
 
 def _skeleton(man: dict[str, Any], model: nn.Module | Callable[[], nn.Module] | None,
               data_dir: str | os.PathLike | None) -> nn.Module:
+    """The architecture to load into: ``model`` (an instance, or a factory called with no
+    arguments), else the manifest's ``model.name`` when it is a key of the built-in registry
+    :data:`hawq.modules.models.MODELS`. Nothing a manifest names is ever imported or called."""
     if isinstance(model, nn.Module):
         return model
-    if callable(model):
-        return model()
-    ident = man.get("model", {})
-    if ident.get("name"):
-        from hawq.modules.models import build_model
+    if model is not None:
+        if not callable(model):
+            raise ConfigError(f"model={model!r}: give an nn.Module instance or a no-argument "
+                              "factory returning one")
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise ConfigError(f"model factory {getattr(model, '__name__', model)!r} returned a "
+                              f"{type(built).__name__}, not an nn.Module")
+        return built
+    from hawq.modules.models import MODELS, build_model
 
-        return build_model(ident["name"], pretrained=False, data_dir=data_dir)
-    cls_path = ident.get("class", "")
-    mod_name, _, qual = cls_path.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-        return obj()
-    except Exception as exc:
-        raise ConfigError(f"cannot rebuild the model class {cls_path!r} without arguments "
-                          f"({exc}): pass model=<an instance or factory> to load_quantized, "
-                          "or save with model_name='package.module:factory'") from exc
+    ident = man.get("model") or {}
+    name = ident.get("name")
+    if isinstance(name, str) and name in MODELS:
+        return build_model(name, pretrained=False, data_dir=data_dir)
+    raise ConfigError(
+        f"the checkpoint's model is {name!r} (class {ident.get('class')!r}), not a built-in "
+        f"hawq model ({', '.join(MODELS.names())}): load_quantized never imports or calls what "
+        "a checkpoint names; pass the architecture yourself, "
+        "load_quantized(path, model=<an instance or a no-argument factory>) (on the command "
+        "line: --model pkg.module:factory)")
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -457,19 +621,63 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _check_packed_sizes(man: dict[str, Any], tensors: dict[str, torch.Tensor],
+                        path: Path) -> None:
+    """Each packed layer of the (schema-checked) manifest has exactly one ``<layer>.<w>:packed``
+    uint8 tensor of the byte size its rows/row_len/bits give, and scales of the right shape:
+    checked before anything is unpacked (DataError otherwise)."""
+    packed: dict[str, list[str]] = {}
+    for key in tensors:
+        if key.endswith(":packed"):
+            packed.setdefault(key[:-len(":packed")].rpartition(".")[0], []).append(key)
+    for name, e in man["layers"].items():
+        if not e.get("packed"):
+            continue
+        where = f"{str(path)!r}, layer {name!r}"
+        keys = packed.get(name, [])
+        if len(keys) != 1:
+            raise DataError(f"{where}: {len(keys)} packed weight tensors for a packed layer "
+                            "(expected 1); the files are damaged or mismatched: export again")
+        t = tensors[keys[0]]
+        want = _packed_nbytes(e["w_bits"], e["rows"], e["row_len"])
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != want:
+            raise DataError(f"{where}: packed weight is {t.numel()} {t.dtype} values, the "
+                            f"manifest's layout ({e['rows']} rows of {e['row_len']} values at "
+                            f"w_bits {e['w_bits'] if _is_int(e['w_bits']) else 'per row'}) needs "
+                            f"{want} uint8 bytes; the files are damaged or mismatched: export "
+                            "again")
+        base = keys[0][:-len(":packed")]
+        scale = tensors.get(f"{base}:scale")
+        shape = () if e["per_tensor_scale"] else (e["rows"],)
+        if scale is None or tuple(scale.shape) != shape or not scale.is_floating_point():
+            raise DataError(f"{where}: scale tensor is "
+                            f"{None if scale is None else tuple(scale.shape)}, expected a float "
+                            f"tensor of shape {shape}; the files are damaged or mismatched: "
+                            "export again")
+        zp = tensors.get(f"{base}:zero_point")
+        if zp is not None and (tuple(zp.shape) != shape or zp.is_floating_point()):
+            raise DataError(f"{where}: zero_point tensor has shape {tuple(zp.shape)} "
+                            f"({zp.dtype}), expected integers of shape {shape}; export again")
+
+
 def load_quantized(path: str | os.PathLike,
                    model: nn.Module | Callable[[], nn.Module] | None = None,
                    data_dir: str | os.PathLike | None = None) -> nn.Module:
     """Rebuild the quantized model saved by :func:`save_quantized` at ``path``.
 
     The architecture comes from ``model`` (an instance, used in place, or a no-argument
-    factory) or else from the manifest (registry name / ``module:factory``, else the class
-    called without arguments). Quantized layers become :class:`PackedWeightMixin` twins with
-    the stored scales and bits, activation quantizers get their stored ranges and state, every
-    other tensor is loaded strictly. Returns the model in eval mode; its outputs equal the
-    saved model's exactly. Raises DataError on a missing/corrupt/mismatched file and
-    ConfigError when the architecture does not match. Cost: unpacking + one dequantize per
-    layer.
+    factory) or else, only when the manifest's ``model.name`` is a built-in registry name
+    (:data:`hawq.modules.models.MODELS`), from that name: nothing the manifest names is ever
+    imported or called (a checkpoint saved from your own model needs ``model=``). The
+    manifest is checked first (:func:`read_manifest`: field types, ``tensors`` a plain file
+    name beside it, rows/row length/bits/shape consistent), then the tensor file against it
+    (SHA-256, each packed weight's byte size) before anything is unpacked. Quantized layers
+    become :class:`PackedWeightMixin` twins with the stored scales and bits, activation
+    quantizers get their stored ranges and state, every other tensor is loaded strictly.
+    Returns the model in eval mode; its outputs equal the saved model's exactly. Raises
+    DataError on a missing/corrupt/mismatched/malformed file and ConfigError when no
+    architecture is given for a non-built-in model or it does not match. Cost: reading and
+    hashing the file, unpacking + one dequantize per layer.
     """
     from safetensors.torch import load as st_load
 
@@ -480,10 +688,15 @@ def load_quantized(path: str | os.PathLike,
     if not path.is_file():
         raise DataError(f"packed checkpoint {str(path)!r} does not exist: check the path")
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != man.get("sha256"):
+    if hashlib.sha256(data).hexdigest() != man["sha256"]:
         raise DataError(f"{str(path)!r} does not match its manifest (SHA-256 differs): the "
                         "files come from different exports or one is damaged; export again")
-    tensors = st_load(data)
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors' own error types
+        raise DataError(f"{str(path)!r} is not a readable safetensors file ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}); export again") from None
+    _check_packed_sizes(man, tensors, path)
     net = _skeleton(man, model, data_dir)
     mods = dict(net.named_modules())
     for name, entry in man["layers"].items():
@@ -497,9 +710,14 @@ def load_quantized(path: str | os.PathLike,
                               f"!= model {None if w is None else list(w.shape)}; pass the "
                               "architecture the checkpoint was saved from")
         spec = LayerSpec(entry["w_bits"], entry["a_bits"])
-        cfg = QuantConfig(w_symmetric=entry["w_symmetric"], w_per_channel=entry["w_per_channel"],
-                          a_calibration=entry["act"]["method"],
-                          a_percentile=entry["act"]["percentile"])
+        try:
+            cfg = QuantConfig(w_symmetric=entry["w_symmetric"],
+                              w_per_channel=entry["w_per_channel"],
+                              a_calibration=entry["act"]["method"],
+                              a_percentile=entry["act"]["percentile"])
+        except ConfigError as e:
+            raise DataError(f"{str(path)!r}, layer {name!r}: {e}; the manifest is damaged or "
+                            "was edited: export again") from None
         twin = to_twin(m, spec, cfg)
         twin.__class__ = packed_class(type(twin))
         _set_child(net, name, twin)
@@ -519,6 +737,10 @@ def load_quantized(path: str | os.PathLike,
         if not entry.get("packed"):
             continue
         key = f"{name}.{layer_weight_key(twin)}"
+        if f"{key}:packed" not in tensors:
+            raise ConfigError(f"layer {name!r}: the checkpoint packs another weight than the "
+                              f"model's {key!r}; pass the architecture the checkpoint was saved "
+                              "from")
         rows, row_len = entry["rows"], entry["row_len"]
         bits = entry["w_bits"]
         qmin = np.asarray(int_range(np.asarray(bits, dtype=np.int64), entry["w_symmetric"])[0])

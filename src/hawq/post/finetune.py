@@ -39,7 +39,11 @@ data may be anything :func:`hawq.feed.tasks.iter_batches` reads.
   float until their stage starts; stages share the step budget evenly.
 * **Checkpoints**: after every epoch (atomically) to ``checkpoint_dir/last.pt`` with the model,
   optimizer, data-order generator, stage and fold state; ``resume=True`` continues from it and
-  reproduces the uninterrupted run exactly (same threads, same device).
+  reproduces the uninterrupted run exactly (same threads, same device). The file holds only
+  tensors and plain values and is read with ``torch.load(weights_only=True)`` (nothing in it
+  is unpickled into arbitrary objects, so a crafted checkpoint cannot run code); it records
+  what it was made under (the plan's bits per layer, the config, the data size, the task)
+  and resuming under anything else is a :class:`ConfigError` naming each field that differs.
 
 Cost: ``epochs`` passes over ``train`` (forward + backward, plus the teacher's forward with
 distillation, plus the task's metric on each batch: for ``embedding`` one more forward of the
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
 import math
 import time
@@ -644,24 +649,31 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
                 yield torch.utils.data.default_collate([train[int(i)] for i in idx])
 
     result = FinetuneResult(config=asdict(cfg), stages=stages)
+    made_under = _made_under(cfg, plan, names, quant, task,
+                             n if n is not None else "loader", steps_per_epoch)
     start_epoch, step, stage, folded = 0, 0, 0, False
     if resume and ckpt_path is not None and ckpt_path.exists():
         # on the CPU: the generator states must stay there; load_state_dict copies the
         # weights and optimizer state onto the model's device (so a GPU run resumes anywhere)
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = _read_checkpoint(ckpt_path, made_under, len(stages), int(cfg.epochs))
         stage, folded = state["stage"], state["folded"]
-        fold_scales.update(state.get("fold_scales", {}))
-        build(stage, folded)
-        model.load_state_dict(state["model"])
-        for m in model.modules():
-            if isinstance(m, ActQuantizer) and not is_float(m.bits):
-                m.state = "frozen"
-        opt = make_opt()
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        fold_scales.update(state["fold_scales"])
+        try:
+            build(stage, folded)
+            model.load_state_dict(state["model"])
+            for m in model.modules():
+                if isinstance(m, ActQuantizer) and not is_float(m.bits):
+                    m.state = "frozen"
+            opt = make_opt()
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise DataError(f"checkpoint {str(ckpt_path)!r} does not fit this model "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]}): delete it "
+                            "or drop --resume (resume=False)") from e
         start_epoch, step = state["epoch"], state["step"]
-        result.history = state["history"]
+        result.history = [dict(h) for h in state["history"]]
         result.folded = [list(p) for p in pairs] if folded else []
         result.resumed_from_epoch = start_epoch
     else:
@@ -735,10 +747,12 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
             result.history.append(row)
             if ckpt_path is not None:
                 buf = io.BytesIO()
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                torch.save({"format": _CKPT_FORMAT, "made_under": json.dumps(made_under),
+                            "model": model.state_dict(), "optimizer": opt.state_dict(),
                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                            "epoch": epoch + 1, "step": step, "stage": stage, "folded": folded,
-                            "fold_scales": fold_scales, "history": result.history}, buf)
+                            "epoch": epoch + 1, "step": step, "stage": stage,
+                            "folded": bool(folded), "fold_scales": dict(fold_scales),
+                            "history": _plain(result.history)}, buf)
                 atomic_write_bytes(ckpt_path, buf.getvalue())
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
@@ -761,6 +775,105 @@ def finetune(model: nn.Module, plan: BitPlan, train: Any, config: FinetuneConfig
     result.steps = step
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_CKPT_FORMAT = "hawq-finetune-checkpoint-1"
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as plain Python values (dict/list/str/int/float/bool/None; tensors kept): what
+    ``torch.load(weights_only=True)`` reads back (numpy scalars and tuples are converted)."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    if v is None or isinstance(v, str) or torch.is_tensor(v):
+        return v
+    return str(v)
+
+
+def _made_under(cfg: FinetuneConfig, plan: BitPlan, names: Sequence[str], quant: QuantConfig,
+                task: Task, train_samples: int | str, steps_per_epoch: int) -> dict[str, Any]:
+    """What a checkpoint was made under (JSON-ready): every field that changes the run."""
+    bits = {}
+    for n_ in names:
+        spec = plan.spec_for(n_)
+        bits[n_] = None if spec is None else [_plain(spec.w_bits), int(spec.a_bits)]
+    out = {f"config.{k}": _plain(v) for k, v in asdict(cfg).items()}
+    out.update({f"quant.{k}": _plain(v) for k, v in asdict(quant).items()})
+    out.update({"task": str(task.name), "train_samples": train_samples,
+                "steps_per_epoch (effective)": int(steps_per_epoch)})
+    out.update({f"plan.{n_}": b for n_, b in bits.items()})
+    return json.loads(json.dumps(out))  # as it reads back (tuples -> lists)
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v) if v is not None else "absent"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_checkpoint(path: Path, made_under: dict[str, Any], n_stages: int,
+                     epochs: int) -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``torch.load(weights_only=True)`` (tensors and
+    plain values only: nothing is unpickled into arbitrary objects) and checked: its layout
+    (DataError naming the file and saying to delete it or drop --resume) and what it was made
+    under against ``made_under`` (ConfigError naming each field that differs, checkpoint value
+    vs now). Cost: reading the file."""
+    fix = "delete it or drop --resume (resume=False)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a forbidden global), a truncated zip, ...
+        raise DataError(f"checkpoint {str(path)!r} cannot be loaded safely ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}): it is damaged, was written by "
+                        f"another program or holds more than tensors and plain values; {fix}"
+                        ) from None
+    if not isinstance(state, dict) or state.get("format") != _CKPT_FORMAT:
+        raise DataError(f"checkpoint {str(path)!r} is not a hawq fine-tuning checkpoint of this "
+                        f"version (format {state.get('format') if isinstance(state, dict) else None!r}, "
+                        f"expected {_CKPT_FORMAT!r}); {fix}")
+    kinds = {"made_under": str, "model": dict, "optimizer": dict, "generator": torch.Tensor,
+             "torch_rng": torch.Tensor, "epoch": int, "step": int, "stage": int, "folded": bool,
+             "fold_scales": dict, "history": list}
+    for key, kind in kinds.items():
+        v = state.get(key)
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise DataError(f"checkpoint {str(path)!r}: {key!r} is "
+                            f"{type(v).__name__ if key in state else 'missing'}, expected "
+                            f"{kind.__name__}; {fix}")
+    if not all(isinstance(k, str) and torch.is_tensor(t) for k, t in state["fold_scales"].items()) \
+            or not all(isinstance(h, dict) for h in state["history"]):
+        raise DataError(f"checkpoint {str(path)!r}: 'fold_scales' or 'history' is malformed; "
+                        f"{fix}")
+    if not (0 <= state["stage"] < n_stages and 0 <= state["epoch"] <= epochs
+            and state["step"] >= 0):
+        raise DataError(f"checkpoint {str(path)!r}: stage {state['stage']}, epoch "
+                        f"{state['epoch']}, step {state['step']} are out of range for this run "
+                        f"({n_stages} stages, {epochs} epochs); {fix}")
+    try:
+        then = json.loads(state["made_under"])
+    except ValueError:
+        then = None
+    if not isinstance(then, dict):
+        raise DataError(f"checkpoint {str(path)!r}: its record of the settings it was made "
+                        f"under is unreadable; {fix}")
+    diff = [f"{k}: checkpoint {_show(then.get(k))} vs now {_show(made_under.get(k))}"
+            for k in sorted(set(then) | set(made_under)) if then.get(k) != made_under.get(k)
+            or (k in then) != (k in made_under)]
+    if diff:
+        more = f" (and {len(diff) - 12} more)" if len(diff) > 12 else ""
+        raise ConfigError(f"checkpoint {str(path)!r} was made under other settings than this "
+                          f"run: {'; '.join(diff[:12])}{more}. Resuming would mix two runs: use "
+                          "another --out (checkpoint_dir) or drop --resume (resume=False) to "
+                          "start over")
+    return state
 
 
 def _logits_for_distill(out: Any) -> torch.Tensor:

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
 from hawq.post.config import (CompressConfig, ZeroQConfig, a_calibration_names, add_config_args,
-                         config_from_args, model_help, probe_mode_names, task_names,
-                         w_clip_names)
-from hawq.base.errors import ConfigError, HawqError
+                         arg_type, config_from_args, model_help, non_negative_float,
+                         non_negative_int, positive_float, positive_int, probe_mode_names,
+                         task_names, unit_float, w_clip_names)
+from hawq.base.errors import ConfigError, DataError, HawqError
 from hawq.base.io import write_json
 from hawq.ui.loading import DEFAULT_TASK, settle_task
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "check_outputs", "main"]
 
 log = logging.getLogger("hawq")
 
@@ -50,8 +53,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     """--json and --threads: how a command runs, not what it computes."""
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                    help="also write the result as JSON to FILE")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads, >= 1 (default: torch's choice)")
 
 
 def _model_args(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
@@ -70,7 +73,8 @@ def _model_args(p: argparse.ArgumentParser, model_default: str | None = "digits-
     p.add_argument("--task", default=DEFAULT_TASK, choices=task_names(),
                    help="how the model is fed and judged (default: the task your model factory "
                         f"returns, else {DEFAULT_TASK})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=arg_type(int, "seed"), default=0,
+                   help="random seed (default: 0)")
 
 
 def _common(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
@@ -107,6 +111,7 @@ class _Inputs:
     builtin: bool = True
     input_shape: tuple[int, ...] = ()
     dataset: str | None = None
+    data_spec: str | None = None  # --data, when given (named in errors about the data)
 
 
 def _is_builtin(name: str | None) -> bool:
@@ -143,6 +148,7 @@ def _inputs(model_name: str | None, data_dir: str | None, data_spec: str | None,
                           "'pkg.module:factory' / 'path/to/file.py:factory' for your own model")
     if data_spec:
         inp.data = unpack_data(load_object(data_spec, "data"), f"data {data_spec!r}")
+        inp.data_spec = data_spec
     if task_name is not None:
         inp.task = settle_task(task_name, inp.task, DEFAULT_TASK)
     return inp
@@ -221,7 +227,12 @@ def _layer_table(inp: _Inputs, data_dir: str | None, task: Any) -> list[Any]:
     try:
         return layers(inp.model, example, task=task)
     except HawqError as e:
-        if inp.builtin or inp.data or inp.input_shape:
+        if inp.data and isinstance(e, DataError):  # say which data: --data's or the factory's
+            source = (f"--data {inp.data_spec!r}" if inp.data_spec
+                      else f"the data model {inp.name!r} returned")
+            raise type(e)(f"{source}: {_one_line(e).replace('example_input', 'the data')}") \
+                from None
+        if inp.builtin or inp.input_shape:
             raise
         raise ConfigError(f"model {inp.name!r} did not run on a guessed input of shape "
                           f"{tuple(example.shape[1:])}: give --data 'pkg.module:factory' (or set "
@@ -342,17 +353,24 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from hawq.modules.surgery import layers
     from hawq.feed.tasks import as_task
 
+    # the plan and its bits are checked before the model is built or any data read
+    plan = (BitPlan.from_json(args.plan) if args.plan
+            else BitPlan.uniform(args.w_bits, args.a_bits))
+    config = QuantConfig(w_clip=args.w_clip, a_calibration=args.a_calibration)
     inp = _args_inputs(args)
     model = inp.model
     task = as_task(inp.task).bind(model)
     calib, test, notes = _splits(inp, args.data_dir, args.calib_samples, args.test_samples)
     for n in notes:
         print(f"note: {n}")
+    if not inp.builtin or inp.data:  # the user's data: fed to the model before any work
+        from collections.abc import Iterator
+
+        for d in (calib, test):
+            if not isinstance(d, Iterator):  # a one-shot iterator would lose its first batch
+                task.check(model, d)
     example = test.tensors[0][:1] if hasattr(test, "tensors") else test
     infos = layers(model, example, task=task)
-    plan = (BitPlan.from_json(args.plan) if args.plan
-            else BitPlan.uniform(args.w_bits, args.a_bits))
-    config = QuantConfig(w_clip=args.w_clip, a_calibration=args.a_calibration)
     report = quantize_calibrate_(model, plan, config, calib, args.calib_samples,
                                  args.bias_correct, progress=True, task=task)
     res = evaluate(model, test, progress=True, task=task)
@@ -412,7 +430,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = config_from_args(CompressConfig, args)
     model, data, task = _job_inputs(cfg, args)
-    res = compress(model, data, task=task, config=cfg, out_dir=args.out, progress=True)
+    res = compress(model, data, task=task, config=cfg, out_dir=args.out, progress=True,
+                   overwrite=args.overwrite)
     if args.out:
         from hawq.ui.report import record_command
 
@@ -457,60 +476,72 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_allocate(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from hawq.maths.allocation import ALLOCATORS, pareto_frontier, uniform_points
-    from hawq.base.io import read_json
-    from hawq.post.pipeline import allocate_plan
-    from hawq.maths.plan import BitPlan, LayerSpec, QuantConfig
+    from hawq.analysis.sensfile import load_sensitivity, resolve_model_name
     from hawq.analysis.sensitivity import omega_matrix, weight_errors
+    from hawq.base.errors import DataError
     from hawq.feed.tasks import as_task
+    from hawq.maths.allocation import ALLOCATORS, pareto_frontier, uniform_points
+    from hawq.maths.plan import BitPlan, LayerSpec, QuantConfig
+    from hawq.modules.accounting import budget_report, count_params
+    from hawq.post.pipeline import allocate_plan
 
     if not args.sensitivity_file:
-        raise ConfigError("give --sensitivity-file FILE: the JSON written by 'hawq analyze --json'")
-    sens = read_json(args.sensitivity_file, "sensitivity file")
-    layers = sens.get("layers") if isinstance(sens, dict) else None
-    if not layers:
-        raise ConfigError(f"{args.sensitivity_file}: expected the JSON of 'hawq analyze' (with "
-                          "'layers')")
+        raise ConfigError("give --sensitivity-file FILE: the JSON written by 'hawq analyze "
+                          "--json' or a run's sensitivity.json ('hawq compress --out DIR')")
+    # the file is validated before any model is built; sizes come from the model, never the file
+    sens = load_sensitivity(args.sensitivity_file)
     ALLOCATORS.check(args.allocator, "--allocator")
-    names = [lh["name"] for lh in layers]
-    params = np.array([lh["params"] for lh in layers], dtype=float)
-    model_name = args.model or sens.get("model")
-    if model_name is None:
-        raise ConfigError("give --model: the weights are needed for ||Q(W) - W||^2")
-    inp = _inputs(model_name, args.data_dir, args.data, args.task)
-    infos = {i.name: i for i in _layer_table(inp, args.data_dir, as_task(inp.task))}
-    missing = [n for n in names if n not in infos]
-    if missing:
-        raise ConfigError(f"{args.sensitivity_file} names layers {missing[:5]} that model "
-                          f"{model_name!r} does not have: analyze and allocate the same model")
-    macs = np.array([infos[n].macs for n in names], dtype=float)
+    if args.allocator == "v1-rule" and sens.metric != "eigen":
+        raise ConfigError(f"--allocator v1-rule orders layers by their top eigenvalue, but "
+                          f"{sens.source} holds metric {sens.metric!r}: give the JSON of 'hawq "
+                          "analyze --metric eigen --json FILE' or another --allocator")
+    model_name, note = resolve_model_name(args.model, sens)
     cfg = config_from_args(CompressConfig, args, model=model_name)
+    inp = _inputs(model_name, args.data_dir, args.data, args.task)
+    infos = _layer_table(inp, args.data_dir, as_task(inp.task))
+    scores = sens.scores_for(infos)  # model order; unknown/missing/resized layers raise
+    names = [i.name for i in infos]
+    params = np.array([i.params for i in infos], dtype=float)
+    macs = np.array([i.macs for i in infos], dtype=float)
     bits = cfg.bits
     errors = weight_errors(inp.model, names, bits, QuantConfig(w_clip=cfg.w_clip))
-    key = "eigenvalue" if sens.get("metric") == "eigen" else "avg_trace"
-    scores = [(lh[key][0] if isinstance(lh[key], list) else lh[key]) for lh in layers]
     omega = omega_matrix(scores, errors)
-    alloc = allocate_plan(cfg, names, params, macs, omega, {"hessian": sens})
+    if not np.all(np.isfinite(omega)):
+        bad = [n for n, row in zip(names, omega) if not np.all(np.isfinite(row))]
+        raise DataError(f"{sens.source}: the scores of {bad[:5]} overflow when multiplied by the "
+                        "quantization error: re-run 'hawq analyze --json' on this model")
+    key = "eigenvalue" if sens.metric == "eigen" else "avg_trace"
+    checked = {"metric": sens.metric,
+               "layers": [{"name": n, "params": int(p), key: float(s)}
+                          for n, p, s in zip(names, params, scores)]}
+    alloc = allocate_plan(cfg, names, params, macs, omega, {"hessian": checked})
     plan = BitPlan({n: LayerSpec(int(b), cfg.a_bits) for n, b in zip(names, alloc.bits)})
+    # the size 'hawq eval --plan' reports: the same accounting over the model's real layers
+    size = budget_report(infos, plan, count_params(inp.model))
+    warnings = [w for w in (note, sens.negative_warning()) if w]
     _print_table([[n, int(p), int(b)] for n, p, b in zip(names, params, alloc.bits)],
                  ["layer", "params", "w_bits"])
-    print(f"\n{alloc.method}: {alloc.avg_bits:.3f} avg bits, {alloc.compression:.2f}x, total "
-          f"Omega {alloc.total_omega:.4g}")
+    print(f"\n{alloc.method}: {size.avg_bits:.3f} avg bits, {size.weight_compression:.2f}x, "
+          f"total Omega {alloc.total_omega:.4g}")
+    for w in warnings:
+        print(f"warning: {w}")
     if args.plot:
         from hawq.base.plots import plot_frontier
 
         plot_frontier(pareto_frontier(omega, params, np.array(bits), max_points=20000),
                       args.plot, chosen=alloc, uniform=uniform_points(omega, params, bits))
         print(f"wrote {args.plot}")
-    return plan.to_dict() | {"allocation": alloc.to_dict()}
-
+    return plan.to_dict() | {"allocation": alloc.to_dict(), "model": model_name,
+                             "weight_compression": size.weight_compression,
+                             "warnings": warnings}
 
 def cmd_zeroq(args: argparse.Namespace) -> dict[str, Any]:
     from hawq.workflows.workflow import zeroq
 
     cfg = config_from_args(ZeroQConfig, args)
     model, data, task = _job_inputs(cfg, args)
-    res = zeroq(model, data, task=task, config=cfg, out_dir=args.out, progress=True)
+    res = zeroq(model, data, task=task, config=cfg, out_dir=args.out, progress=True,
+                overwrite=args.overwrite)
     _print_table([[r["name"], r["params"], f"{max(r['omega']):.3g}" if r.get("omega") else "-",
                    r["w_bits"], r["a_bits"]] for r in res.layers],
                  ["layer", "params", f"max {cfg.sensitivity}", "w_bits", "a_bits"])
@@ -542,26 +573,30 @@ def _finetune_config(args: argparse.Namespace):
 def _add_finetune_args(p: argparse.ArgumentParser, epochs_flag: str = "--epochs") -> None:
     g = p.add_argument_group("fine-tuning")
     if epochs_flag == "--epochs":
-        g.add_argument("--epochs", type=int, default=1, help="epochs of QAT (default: 1)")
-    g.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (default: 0.005)")
-    g.add_argument("--batch-size", type=int, default=128,
+        g.add_argument("--epochs", type=positive_int, default=1,
+                       help="epochs of QAT (default: 1)")
+    g.add_argument("--lr", type=positive_float, default=0.005,
+                   help="SGD learning rate (default: 0.005)")
+    g.add_argument("--batch-size", type=positive_int, default=128,
                    help="training batch size (default: 128)")
-    g.add_argument("--steps-per-epoch", type=int, default=None, help="cap steps per epoch")
-    g.add_argument("--distill", type=float, default=0.5,
+    g.add_argument("--steps-per-epoch", type=positive_int, default=None,
+                   help="cap steps per epoch")
+    g.add_argument("--distill", type=unit_float, default=0.5,
                    help="weight of knowledge distillation from FP32 (default: 0.5; 0 = off)")
     g.add_argument("--staged", action="store_true",
                    help="HAWQ-V1 schedule: quantize and fine-tune blocks in decreasing Omega")
-    g.add_argument("--stages", type=int, default=None, help="merge blocks into N stages")
-    g.add_argument("--bn-fold-at", type=float, default=0.5,
+    g.add_argument("--stages", type=positive_int, default=None,
+                   help="merge blocks into N stages")
+    g.add_argument("--bn-fold-at", type=unit_float, default=0.5,
                    help="fraction of training after which BatchNorm is folded (default: 0.5)")
     g.add_argument("--no-bn-fold", action="store_true", help="keep BatchNorm unfolded")
     g.add_argument("--fixed-steps", action="store_true",
                    help="keep quantizer step sizes from min/max/EMA instead of learning them "
                         "(LSQ, the default)")
-    g.add_argument("--a-avg-bits", type=float, default=None,
+    g.add_argument("--a-avg-bits", type=arg_type(float, "avg-bits"), default=None,
                    help="mixed-precision activations from activation-Hessian traces at this "
                         "average (e.g. 4 = 8x activation compression); default: plan's a_bits")
-    g.add_argument("--train-samples", type=int, default=None,
+    g.add_argument("--train-samples", type=positive_int, default=None,
                    help="limit the training samples (default: all)")
     g.add_argument("--device", default="cpu",
                    help="where to fine-tune: cpu (default), cuda or cuda:N")
@@ -610,12 +645,78 @@ def _print_finetune(res: dict[str, Any], out: str | None) -> None:
 
 # ----------------------------------------------------------------------------- the parser
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with hawq's one-line errors: a bad or missing flag prints ``hawq: error:
+    argument --x: ... (see 'hawq COMMAND --help')`` and exits with status 2 (subcommand
+    parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hawq: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+#: Sample counts of flags added outside this module (``hawq export``/``report``): each must be
+#: a positive integer when given.
+_COUNT_FLAGS = ("calib_samples", "test_samples", "hessian_samples", "density_samples")
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    from hawq.post.config import check_value
+
+    for dest in _COUNT_FLAGS:
+        v = getattr(args, dest, None)
+        if v is not None:
+            check_value(v, int, "positive", "--" + dest.replace("_", "-"))
+
+
+def _check_writable(text: str, flag: str, folder: bool) -> None:
+    """Raise ConfigError unless ``text`` can be created or overwritten as a folder
+    (``folder``) or a file: it is not the wrong kind of existing thing, the nearest existing
+    folder above it is a folder (not a file) and it is writable. Creates nothing."""
+    path = Path(text).expanduser()
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ConfigError(f"{flag} {text!r} is an existing file, not a folder: give a new "
+                              "folder (hawq creates it) or an existing one")
+        if not folder and path.is_dir():
+            raise ConfigError(f"{flag} {text!r} is a folder: give a file path, e.g. "
+                              f"{str(path / 'result')!r} with the right extension")
+        target = path if path.is_dir() else path.parent
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise ConfigError(f"{flag} {text!r} cannot be created: {str(target)!r} is a file, "
+                              "not a folder; give a path under a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {text!r} cannot be written: no write permission in "
+                          f"{str(target)!r}; give a path in a folder you can write")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Check every output path a parsed command names before any work starts (``--out``: a
+    folder, or the checkpoint file of ``hawq export``; ``--json``, ``--plot``, ``--onnx``:
+    files; ``hawq report`` without ``--out`` writes into its run folder). Raises
+    :class:`ConfigError` naming the flag: an existing file given for a folder (or the reverse),
+    a path under a file, a folder without write permission. Cost: a few ``stat`` calls."""
+    command = getattr(args, "command", None)
+    out = getattr(args, "out", None)
+    if out:
+        _check_writable(out, "--out", folder=command != "export")
+    for dest, flag in (("json_out", "--json"), ("plot", "--plot"), ("onnx", "--onnx")):
+        if getattr(args, dest, None):
+            _check_writable(getattr(args, dest), flag, folder=False)
+    run_dir = getattr(args, "dir", None)
+    if command == "report" and not out and run_dir and Path(run_dir).is_dir():
+        _check_writable(run_dir, "DIR", folder=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hawq`` parser; choice lists are read from the registries now (build a fresh one
     after registering a sensitivity, allocator, task...)."""
     from hawq.analysis.hessian import METRICS
 
-    parser = argparse.ArgumentParser(prog="hawq", description="Hessian-aware mixed-precision "
+    parser = _Parser(prog="hawq", description="Hessian-aware mixed-precision "
                                      "quantization for PyTorch models.")
     parser.add_argument("--version", action="version", version=f"hawq {_version()}",
                         help="print the version and exit")
@@ -640,12 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "channel matches FP32 on the calibration data (hawq.bias_correct_)")
     p.add_argument("--a-calibration", default="minmax", choices=a_calibration_names(),
                    help="activation ranges (default: minmax)")
-    p.add_argument("--calib-samples", type=int, default=512,
+    p.add_argument("--calib-samples", type=positive_int, default=512,
                    help="calibration samples for the activation ranges (default: 512)")
-    p.add_argument("--test-samples", type=int, default=None,
+    p.add_argument("--test-samples", type=positive_int, default=None,
                    help="limit the test samples (default: all)")
-    p.add_argument("--samples", dest="test_samples", type=int, default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
+    p.add_argument("--samples", dest="test_samples", type=positive_int,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("analyze", help="per-layer Hessian traces / eigenvalues / channel, "
@@ -653,20 +754,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--metric", default="trace", choices=list(METRICS),
                    help="what to estimate (default: trace)")
-    p.add_argument("--hessian-samples", type=int, default=256,
+    p.add_argument("--hessian-samples", type=positive_int, default=256,
                    help="samples for the Hessian (default: 256)")
-    p.add_argument("--samples", dest="hessian_samples", type=int, default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)
+    p.add_argument("--samples", dest="hessian_samples", type=positive_int,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--split", default="train", choices=["train", "test"],
                    help="train (calibration data) or test (default: train)")
-    p.add_argument("--tol", type=float, default=None,
+    p.add_argument("--tol", type=non_negative_float, default=None,
                    help="relative stderr target (trace, default 1e-2) or eigen tolerance (1e-3)")
-    p.add_argument("--max-probes", type=int, default=200,
+    p.add_argument("--max-probes", type=positive_int, default=200,
                    help="Hutchinson probes / power iterations at most (default: 200)")
     p.add_argument("--probe-mode", default="joint", choices=probe_mode_names(),
                    help="trace/channel/activation: 'joint' (one HVP per probe for all layers) "
                         "or 'layer' (each layer alone, L HVPs per probe, lower variance)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="split the data into chunks of this many samples")
     p.set_defaults(func=cmd_analyze)
 
@@ -675,7 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for plan, metrics, plots")
-    p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse an --out folder holding another run: first remove that run's "
+                        "hawq files (only those; the names are reported)")
+    p.add_argument("--finetune", type=non_negative_int, default=0, metavar="EPOCHS",
                    help="then fine-tune the plan for EPOCHS epochs (QAT; see 'hawq finetune')")
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     _add_finetune_args(p, epochs_flag="--finetune")
@@ -687,14 +791,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for checkpoints and results")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--test-samples", type=int, default=None,
+    p.add_argument("--test-samples", type=positive_int, default=None,
                    help="limit the test samples (default: all)")
     _add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("allocate", help="bit plan from a sensitivity JSON under a budget")
     p.add_argument("--sensitivity-file", default=None, metavar="FILE",
-                   help="JSON written by 'hawq analyze --json' (required)")
+                   help="JSON written by 'hawq analyze --json', or a run's sensitivity.json "
+                        "from 'hawq compress --out' (required)")
     p.add_argument("--sensitivity", dest="sensitivity_file", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)
     _common(p, model_default=None)
@@ -710,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for plan, metrics, plots")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse an --out folder holding another run (removes only its hawq files)")
     p.set_defaults(func=cmd_zeroq)
     from hawq.ui.cli_export import add_parsers  # hawq export / hawq report
 
@@ -717,31 +824,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(exc: BaseException | str) -> int:
+    print(f"hawq: error: {_one_line(exc)}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hawq`` console script and ``python -m hawq``. Returns the exit
-    status: 0, 2 for an error hawq explains (one line on stderr, no traceback), 130 when
-    interrupted."""
+    status: 0, 2 for an error hawq explains (one line on stderr, no traceback; bad flags
+    included), 130 when interrupted (Ctrl-C anywhere: one line, no traceback; files are written
+    atomically, so nothing is left half-written). Output paths (``--out``, ``--json``,
+    ``--plot``, ``--onnx``) are checked before any work."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
-    except HawqError as exc:
-        print(f"hawq: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    args.argv = argv  # recorded in run dirs
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if getattr(args, "threads", None):
-            torch.set_num_threads(args.threads)
-        torch.manual_seed(getattr(args, "seed", 0))
-        result = args.func(args)
-        if getattr(args, "json_out", None) and result is not None:
-            write_json(args.json_out, result)
-            print(f"wrote {args.json_out}")
-    except HawqError as exc:
-        print(f"hawq: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        try:
+            parser = build_parser()
+        except HawqError as exc:
+            return _fail(exc)
+        args = parser.parse_args(argv)
+        args.argv = argv  # recorded in run dirs
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        try:
+            _check_counts(args)
+            check_outputs(args)
+            if getattr(args, "threads", None) is not None:
+                torch.set_num_threads(args.threads)
+            torch.manual_seed(getattr(args, "seed", 0))
+            result = args.func(args)
+            if getattr(args, "json_out", None) and result is not None:
+                write_json(args.json_out, result)
+                print(f"wrote {args.json_out}")
+        except HawqError as exc:
+            return _fail(exc)
     except KeyboardInterrupt:
         print("hawq: interrupted", file=sys.stderr)
         return 130

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from hawq.base.errors import ConfigError, HawqError
+from hawq.base.errors import ConfigError, DataError, HawqError
 
 __all__ = ["add_parsers", "cmd_export", "cmd_report"]
 
@@ -118,11 +118,13 @@ def _onnx_input(model: Any, task: Any, batch: Any, name: str, out: str) -> Any:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     """hawq export: packed integer checkpoint (+ ONNX) of a run's plan or of --model/--plan.
 
-    A run (or --model) on your own model or data is rebuilt from the specs it recorded: the
-    float model from the model factory, the calibration data from the data factory (or the
-    model factory's data), the task as the run settled it; quantized and calibrated the way
-    the workflow did, saved, loaded back and checked (outputs equal; for a run, the run's
-    metric reproduced on its test data)."""
+    A run (or --model) on your own model or data is rebuilt from the factories you name with
+    --model/--data (for a run, they must equal the specs it recorded: nothing named in a
+    run's files is imported; a built-in model name may come from the run): the float model
+    from the model factory, the calibration data from the data factory (or the model
+    factory's data), the task as the run settled it; quantized and calibrated the way the
+    workflow did, saved, loaded back and checked (outputs equal; for a run, the run's metric
+    reproduced on its test data)."""
     import copy
     from pathlib import Path
 
@@ -134,14 +136,33 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     run_metrics: dict[str, Any] | None = None
     if args.run:
+        from hawq.ui.report import confirm_run_specs
+
         metrics = read_json(Path(args.run) / "metrics.json", "run metrics")
-        cfg = metrics["config"]
+        cfg = metrics.get("config") if isinstance(metrics, dict) else None
+        if not isinstance(cfg, dict):
+            raise DataError(f"{str(Path(args.run) / 'metrics.json')!r} has no 'config' object: "
+                            "it is not a 'hawq compress' run's metrics.json (or is damaged)")
         plan = BitPlan.from_json(Path(args.run) / "plan.json")
-        model_name, data_dir = cfg["model"], args.data_dir or cfg.get("data_dir")
-        data_spec, task_name = cfg.get("data"), cfg.get("task")
+        # a factory named in the run's files is imported only when the user names it too
+        model_name, data_spec = confirm_run_specs(args.run, cfg.get("model"), cfg.get("data"),
+                                                  args.model, args.data)
+        data_dir = args.data_dir or cfg.get("data_dir")
+        task_name = cfg.get("task")
         kw = dict(w_clip=cfg.get("w_clip", "minmax"), calib_samples=cfg.get("calib_samples", 512),
                   hessian_samples=cfg.get("hessian_samples", 256), seed=cfg.get("seed", 0),
                   bias_correct=cfg.get("bias_correct", False))
+        for key, want in (("w_clip", str), ("calib_samples", int), ("hessian_samples", int),
+                          ("seed", int), ("bias_correct", bool)):
+            if not isinstance(kw[key], want) or (want is int and isinstance(kw[key], bool)):
+                raise DataError(f"{str(Path(args.run) / 'metrics.json')!r}: config.{key} is "
+                                f"{kw[key]!r}, expected {want.__name__}; rerun 'hawq compress'")
+        if task_name is not None and not isinstance(task_name, str):
+            raise DataError(f"{str(Path(args.run) / 'metrics.json')!r}: config.task is "
+                            f"{task_name!r}, expected a task name; rerun 'hawq compress'")
+        if data_dir is not None and not isinstance(data_dir, str):
+            raise DataError(f"{str(Path(args.run) / 'metrics.json')!r}: config.data_dir is "
+                            f"{data_dir!r}, expected a path; give --data-dir")
         out = args.out or str(Path(args.run) / "model.safetensors")
         run_metrics = metrics
     else:
@@ -244,7 +265,8 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from hawq.ui.report import compute_density, write_report
 
     if args.density:
-        compute_density(args.dir, samples=args.density_samples, progress=True)
+        compute_density(args.dir, samples=args.density_samples, progress=True,
+                        model=args.model, data=args.data)
     res = write_report(args.dir, args.out)
     if args.open_html_path:
         print(res.html_path)
@@ -281,6 +303,12 @@ def add_parsers(sub: Any, common: Callable[..., None]) -> None:
                    help="first compute the Hessian eigenvalue density (SLQ) into DIR")
     p.add_argument("--density-samples", type=int, default=256,
                    help="samples for --density (default: 256)")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="--density on a run made on your model factory: the same "
+                        "'pkg.module:factory' (a run's files never name code to import)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="--density on a run made on your data factory: the same "
+                        "'pkg.module:factory'")
     p.add_argument("--open-html-path", action="store_true",
                    help="print only the HTML file's path (e.g. xdg-open $(hawq report DIR "
                         "--open-html-path))")

@@ -212,7 +212,7 @@ def unpack_setup(obj: Any, what: str = "model factory") -> Setup:
             else {}
         obj = {"task": task}
     else:
-        raise ConfigError(f"{what} returned a {type(obj).__name__}: {forms}")
+        raise ConfigError(f"{what} returned an object of type {type(obj).__name__}: {forms}")
     if model is not None and not isinstance(model, nn.Module):
         raise ConfigError(f"{what} returned a model of type {type(model).__name__}: the model "
                           "must be a torch.nn.Module")

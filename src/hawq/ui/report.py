@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hawq.base.errors import DataError, HawqError
+from hawq.base.errors import ConfigError, DataError, HawqError
 from hawq.base.io import atomic_write_bytes, atomic_write_text, write_json
 
 __all__ = ["NOT_COMPUTED", "ReportResult", "RunData", "Section", "bits_svg", "build_sections",
-           "compute_density", "density_png", "load_run", "reconstructed_command",
-           "record_command", "render_html", "render_markdown", "write_report"]
+           "compute_density", "confirm_run_specs", "density_png", "load_run",
+           "reconstructed_command", "record_command", "render_html", "render_markdown",
+           "write_report"]
 
 NOT_COMPUTED = "not computed"
 
@@ -65,13 +66,19 @@ class RunData:
 
 
 def _read_json(path: Path, problems: list[str]) -> Any:
+    """The JSON object in ``path``; None (and a line in ``problems``) when the file is absent,
+    unreadable or holds something other than an object."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
         problems.append(f"{path.name}: unreadable ({exc})")
         return None
+    if not isinstance(obj, dict):
+        problems.append(f"{path.name}: holds a JSON {type(obj).__name__}, not an object")
+        return None
+    return obj
 
 
 def load_run(run_dir: str | os.PathLike) -> RunData:
@@ -152,7 +159,7 @@ def _regenerate(run: RunData) -> None:
     import numpy as np
 
     m = run.metrics or {}
-    rows = m.get("layers") or []
+    rows = _rows(m.get("layers"))
     if not rows:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,10 +192,35 @@ def _regenerate(run: RunData) -> None:
                 run.problems.append(f"frontier.png: could not be regenerated ({exc})")
 
 
+def _e(v: Any) -> str:
+    """``v`` as text, HTML-escaped (quotes too): every value from a run's files goes through
+    this (or :func:`_table`, which escapes its cells) before it reaches the page."""
+    return html.escape(str(v), quote=True)
+
+
+def _n(v: Any) -> float | None:
+    """``v`` as a float when it is a real number (not a bool, not a string), else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _d(v: Any) -> dict[str, Any]:
+    """``v`` when it is a dict, else an empty one (a run's JSON may hold anything)."""
+    return v if isinstance(v, dict) else {}
+
+
+def _rows(v: Any) -> list[dict[str, Any]]:
+    """The dict entries of ``v`` when it is a list, else none."""
+    return [r for r in v if isinstance(r, dict)] if isinstance(v, list) else []
+
+
 def _mean_bits(w: Any) -> float:
     if isinstance(w, list):
-        return sum(w) / len(w) if w else float("nan")
-    return float(w) if w is not None else float("nan")
+        vals = [_n(b) for b in w]
+        return sum(vals) / len(vals) if vals and None not in vals else float("nan")
+    x = _n(w)
+    return x if x is not None else float("nan")
 
 
 _BIT_COLOURS = {2: "#d7301f", 3: "#fc8d59", 4: "#fdbb84", 5: "#c7e9b4", 6: "#7fcdbb",
@@ -198,7 +230,9 @@ _BIT_COLOURS = {2: "#d7301f", 3: "#fc8d59", 4: "#fdbb84", 5: "#c7e9b4", 6: "#7fc
 def _colour(bits: float) -> str:
     if bits != bits:  # NaN
         return "#cccccc"
-    return _BIT_COLOURS.get(int(round(bits)), "#888888" if bits >= 16 else "#cccccc")
+    if bits >= 16:
+        return "#888888"
+    return _BIT_COLOURS.get(int(round(bits)), "#cccccc") if abs(bits) < 1e6 else "#cccccc"
 
 
 def bits_svg(rows: list[dict[str, Any]], width: int = 1000, height: int = 150) -> str:
@@ -219,12 +253,12 @@ def bits_svg(rows: list[dict[str, Any]], width: int = 1000, height: int = 150) -
                      f'fill="#666">{b}</text>')
     for i, r in enumerate(rows):
         b = _mean_bits(r.get("w_bits"))
-        bb = min(b, 8.0) if b == b else 0.0
+        bb = min(max(b, 0.0), 8.0) if b == b else 0.0
         x = 36 + i * (bw + gap)
         y = top + h - h * bb / 8
         parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bw:.1f}" height="{h * bb / 8:.1f}" '
-                     f'fill="{_colour(b)}"><title>{html.escape(str(r.get("name")))}: '
-                     f'{_fmt_bits(r.get("w_bits"))} bits</title></rect>')
+                     f'fill="{_colour(b)}"><title>{_e(r.get("name"))}: '
+                     f'{_e(_fmt_bits(r.get("w_bits")))} bits</title></rect>')
     parts.append(f'<text x="36" y="{height - 6}" font-size="11" fill="#666">layers in forward '
                  f'order (hover for names) &#8594;</text></svg>')
     return "".join(parts)
@@ -233,6 +267,7 @@ def bits_svg(rows: list[dict[str, Any]], width: int = 1000, height: int = 150) -
 # ----------------------------------------------------------------------------- formatting
 
 def _fmt_num(v: Any, digits: int = 4) -> str:
+    """A number for display (plain text: escape it before it goes into HTML)."""
     if v is None:
         return "–"
     if isinstance(v, bool):
@@ -247,24 +282,35 @@ def _fmt_num(v: Any, digits: int = 4) -> str:
 
 
 def _fmt_bits(w: Any) -> str:
+    """Bits for display (plain text)."""
     if isinstance(w, list):
-        return f"per-channel {min(w)}–{max(w)} (mean {_mean_bits(w):.2f})"
+        vals = [_n(b) for b in w]
+        if not vals or None in vals:
+            return str(w)
+        return f"per-channel {_fmt_num(min(w))}–{_fmt_num(max(w))} (mean {_mean_bits(w):.2f})"
     return "–" if w is None else str(w)
 
 
 def _bytes(n: Any) -> str:
+    """Bytes for display (plain text); a value that is not a number is shown as it is."""
     if n is None:
         return "–"
-    n = float(n)
+    x = _n(n)
+    if x is None:
+        return str(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+        if abs(x) < 1024 or unit == "GiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} GiB"
 
 
 def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * float(v):.2f}%"
+    """A fraction as a percentage (plain text); a value that is not a number as it is."""
+    if v is None:
+        return "–"
+    x = _n(v)
+    return str(v) if x is None else f"{100 * x:.2f}%"
 
 
 def reconstructed_command(config: dict[str, Any]) -> str:
@@ -292,10 +338,26 @@ class Section:
     md: str
 
 
+def _md(v: Any) -> str:
+    """``v`` as Markdown text that renders as itself: ``&``, ``<``, ``>`` as entities (no raw
+    HTML reaches a Markdown viewer), newlines as spaces."""
+    return html.escape(" ".join(str(v).splitlines()), quote=False)
+
+
+def _md_code(v: Any) -> str:
+    """``v`` as a Markdown inline code span (verbatim, delimited by a backtick run longer than
+    any inside it), newlines as spaces."""
+    import re
+
+    text = " ".join(str(v).splitlines())
+    ticks = "`" * (max((len(t) for t in re.findall(r"`+", text)), default=0) + 1)
+    return f"{ticks} {text} {ticks}" if "`" in text else f"`{text}`"
+
+
 def _nc(what: str, how: str | None = None) -> tuple[str, str]:
     hint = f" — {how}" if how else ""
-    return (f'<p class="nc"><b>{NOT_COMPUTED}</b>: {html.escape(what)}{html.escape(hint)}</p>',
-            f"*{NOT_COMPUTED}*: {what}{hint}\n")
+    return (f'<p class="nc"><b>{NOT_COMPUTED}</b>: {_e(what)}{_e(hint)}</p>',
+            f"*{NOT_COMPUTED}*: {_md(what)}{_md(hint)}\n")
 
 
 def _img(name: str, data: bytes, alt: str) -> str:
@@ -307,12 +369,12 @@ def _img(name: str, data: bytes, alt: str) -> str:
 def _table(header: list[str], rows: list[list[str]], numeric: set[int] | None = None,
            raw_html: bool = False) -> tuple[str, str]:
     numeric = numeric or set()
-    th = "".join(f'<th{" class=num" if i in numeric else ""}>{html.escape(h)}</th>'
+    th = "".join(f'<th{" class=num" if i in numeric else ""}>{_e(h)}</th>'
                  for i, h in enumerate(header))
     body = []
     for r in rows:
         tds = "".join(f'<td{" class=num" if i in numeric else ""}>'
-                      f'{c if raw_html else html.escape(c)}</td>' for i, c in enumerate(r))
+                      f'{c if raw_html else _e(c)}</td>' for i, c in enumerate(r))
         body.append(f"<tr>{tds}</tr>")
     h = f'<div class="tw"><table><thead><tr>{th}</tr></thead><tbody>{"".join(body)}' \
         f"</tbody></table></div>"
@@ -320,138 +382,151 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int] | None = 
     def md_cell(c: str) -> str:
         import re
 
-        return re.sub(r"<[^>]+>", "", c).replace("|", "\\|")
+        # raw HTML cells hold escaped values inside tags: drop the tags; text cells: escape
+        text = re.sub(r"<[^>]+>", "", str(c)) if raw_html else _md(c)
+        return " ".join(text.splitlines()).replace("|", "\\|")
 
-    md = ["| " + " | ".join(header) + " |",
+    md = ["| " + " | ".join(md_cell(h) for h in header) + " |",
           "|" + "|".join("---:" if i in numeric else "---" for i in range(len(header))) + "|"]
     md += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
     return h, "\n".join(md) + "\n"
 
 
-def build_sections(run: RunData, md_images: dict[str, str]) -> list[Section]:
-    """All report sections, in order. ``md_images`` maps image names to the relative paths the
-    Markdown file should link (images without a path are described as embedded in the HTML)."""
-    m = run.metrics or {}
-    cfg = m.get("config") or {}
-    out: list[Section] = []
+def _fence(text: str, lang: str = "") -> str:
+    """A Markdown code block holding ``text`` verbatim (its fence longer than any run of
+    backticks inside, so the text cannot close it)."""
+    import re
 
-    # command
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}\n{fence}\n"
+
+
+def _sec_command(run: RunData, cfg: dict[str, Any]) -> list[Section]:
     if run.command:
-        cmd = run.command.get("command") or shlex.join(run.command.get("argv", []))
-        when = run.command.get("time", "")
-        out.append(Section("command", "Command", True,
-                           f"<pre><code>{html.escape(cmd)}</code></pre><p class=muted>run "
-                           f"{html.escape(when)} in <code>{html.escape(run.command.get('cwd', ''))}"
-                           f"</code> (torch {html.escape(str(run.command.get('torch', '?')))})"
-                           "</p>",
-                           f"```bash\n{cmd}\n```\n\nrun {when} in `{run.command.get('cwd', '')}`\n"))
-    elif cfg:
+        c = run.command
+        argv = c.get("argv")
+        cmd = c.get("command")
+        if not isinstance(cmd, str) or not cmd:
+            cmd = (shlex.join(argv) if isinstance(argv, list)
+                   and all(isinstance(a, str) for a in argv) else str(argv or ""))
+        when, cwd, torch_v = str(c.get("time", "")), str(c.get("cwd", "")), str(c.get("torch", "?"))
+        return [Section("command", "Command", True,
+                        f"<pre><code>{_e(cmd)}</code></pre><p class=muted>run {_e(when)} in "
+                        f"<code>{_e(cwd)}</code> (torch {_e(torch_v)})</p>",
+                        f"{_fence(cmd, 'bash')}\nrun {_md(when)} in {_md_code(cwd)}\n")]
+    if cfg:
         try:
             cmd = reconstructed_command(cfg)
-        except HawqError as e:  # a config today's checks reject: say so, never fail the report
+        except Exception as e:  # a config today's checks reject: say so, never fail the report
             cmd = f"# metrics.json's config does not rebuild as a command: {e}"
-        out.append(Section("command", "Command", False,
-                           f"<p class=nc>The run did not record its command line (command.json);"
-                           f" an equivalent command rebuilt from metrics.json:</p><pre><code>"
-                           f"{html.escape(cmd)}</code></pre>",
-                           f"Command line {NOT_COMPUTED} (no command.json); equivalent command "
-                           f"rebuilt from metrics.json:\n\n```bash\n{cmd}\n```\n"))
-    else:
-        h, md = _nc("no command.json or metrics.json in the run directory")
-        out.append(Section("command", "Command", False, h, md))
+        return [Section("command", "Command", False,
+                        f"<p class=nc>The run did not record its command line (command.json);"
+                        f" an equivalent command rebuilt from metrics.json:</p><pre><code>"
+                        f"{_e(cmd)}</code></pre>",
+                        f"Command line {NOT_COMPUTED} (no command.json); equivalent command "
+                        f"rebuilt from metrics.json:\n\n{_fence(cmd, 'bash')}")]
+    h, md = _nc("no command.json or metrics.json in the run directory")
+    return [Section("command", "Command", False, h, md)]
 
-    # summary
-    if m:
-        b = m.get("budget") or {}
-        fp32_acc, acc = m.get("fp32_accuracy"), m.get("accuracy")
-        delta = None if fp32_acc is None or acc is None else 100 * (acc - fp32_acc)
-        metric = m.get("metric") or "accuracy"  # the task's metric: perplexity, cosine, loss...
-        uni = m.get("uniform") or {}
-        if metric == "accuracy":
-            head, fmt, dtext = "Top-1", _pct, "–" if delta is None else f"{delta:+.2f} points"
-            fp32_acc = m.get("fp32_value", fp32_acc) if fp32_acc is None else fp32_acc
-            acc = m.get("value", acc) if acc is None else acc
-        else:
-            fp32_acc, acc = m.get("fp32_value"), m.get("value")
-            better = "higher" if (m.get("task") or {}).get("higher_is_better") else "lower"
-            head, fmt = metric.capitalize(), _fmt_num
-            dtext = ("–" if fp32_acc is None or acc is None
-                     else f"{acc - fp32_acc:+.4g} ({better} is better)")
-        if uni.get("value") is not None:
-            dtext += f"; uniform {uni.get('w_bits')}-bit: {fmt(uni['value'])}"
-        fp32_bytes, size = b.get("fp32_bytes"), b.get("size_bytes")
-        bops, fbops = b.get("bops"), b.get("fp32_bops")
-        cards = [
-            (head, f"{fmt(fp32_acc)} &#8594; <b>{fmt(acc)}</b>", html.escape(dtext)),
-            ("Model size", f"{_bytes(fp32_bytes)} &#8594; <b>{_bytes(size)}</b>",
-             f"{_fmt_num(b.get('compression'), 3)}x smaller (weights "
-             f"{_fmt_num(b.get('weight_compression'), 3)}x)"),
-            ("Weight bits", f"32 &#8594; <b>{_fmt_num(b.get('avg_bits'), 3)}</b> avg",
-             f"activations {cfg.get('a_bits', '–')}-bit"),
-            ("BOPs", f"{_fmt_num(None if fbops is None else fbops / 1e9, 4)} G &#8594; "
-                     f"<b>{_fmt_num(None if bops is None else bops / 1e9, 4)} G</b>",
-             "–" if not bops or not fbops else f"{fbops / bops:.1f}x fewer"),
-        ]
-        card_html = "".join(f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div>'
-                            f'<div class="s">{s}</div></div>' for k, v, s in cards)
-        rows = [["top-1 accuracy" if metric == "accuracy" else metric, fmt(fp32_acc), fmt(acc)],
-                ["model size", _bytes(fp32_bytes), _bytes(size)],
-                ["weight bits (avg)", "32", _fmt_num(b.get("avg_bits"), 4)],
-                ["BOPs (G)", _fmt_num(None if fbops is None else fbops / 1e9),
-                 _fmt_num(None if bops is None else bops / 1e9)],
-                ["MACs per sample", _fmt_num(b.get("macs")), _fmt_num(b.get("macs"))]]
-        header = ["", "FP32", "quantized"]
-        if uni:  # the uniform plan of the same size, measured by the run
-            header.append(f"uniform {uni.get('w_bits')}-bit (same size)")
-            for r, v in zip(rows, [fmt(uni.get("value")), _bytes(uni.get("size_bytes")),
-                                   _fmt_num(uni.get("w_bits")), "–", _fmt_num(b.get("macs"))]):
-                r.append(v)
-        th, tm = _table(header, rows, set(range(1, len(header))))
-        secs = m.get("seconds") or {}
-        alloc = m.get("allocation") or {}
-        info = (f"model <code>{html.escape(str(cfg.get('model')))}</code>, sensitivity "
-                f"<code>{html.escape(str(cfg.get('sensitivity')))}</code>, allocator "
-                f"<code>{html.escape(str(cfg.get('allocator')))}</code> "
-                f"({html.escape(str(alloc.get('method', '')))}"
-                f"{', optimal' if alloc.get('optimal') else ''}), candidate bits "
-                f"{html.escape(str(cfg.get('bits')))}, {b.get('total_params', 0):,} parameters"
-                f"; time {sum(secs.values()):.1f} s")
-        out.append(Section("summary", "Accuracy, size and BOPs: before and after", True,
-                           f'<p>{info}</p><div class="cards">{card_html}</div>{th}',
-                           f"{_strip(info)}\n\n{tm}"))
-    else:
+
+def _sec_summary(run: RunData, m: dict[str, Any], cfg: dict[str, Any]) -> list[Section]:
+    title = "Accuracy, size and BOPs: before and after"
+    if not m:
         h, md = _nc("metrics.json is missing", "run 'hawq compress --out DIR'")
-        out.append(Section("summary", "Accuracy, size and BOPs: before and after", False, h, md))
-
-    # per-layer table
-    rows_m = m.get("layers") or []
-    if rows_m:
-        rows = []
-        for i, r in enumerate(rows_m):
-            tr = r.get("trace")
-            se = r.get("stderr")
-            trace = "–" if tr is None else (f"{tr:.4g} ± {se:.2g}" if se is not None
-                                            else f"{tr:.4g}")
-            eig = r.get("eigenvalue")
-            eig = eig[0] if isinstance(eig, list) and eig else eig
-            wb = r.get("w_bits")
-            badge = (f'<span class="b" style="background:{_colour(_mean_bits(wb))}">'
-                     f'{html.escape(_fmt_bits(wb))}</span>')
-            rows.append([str(i), html.escape(r.get("name", "")), html.escape(r.get("type", "")),
-                         _fmt_num(r.get("params")), _fmt_num(r.get("macs")), html.escape(trace),
-                         _fmt_num(r.get("avg_trace")),
-                         _fmt_num(eig) if eig is not None else NOT_COMPUTED, badge,
-                         html.escape(str(r.get("a_bits", "–")))])
-        th, tm = _table(["#", "layer", "type", "params", "MACs", "trace ± stderr",
-                         "avg trace", "top eigenvalue", "w bits", "a bits"], rows,
-                        {0, 3, 4, 5, 6, 7, 9}, raw_html=True)
-        out.append(Section("layers", "Per-layer sensitivity and bits", True,
-                           bits_svg(rows_m) + th, tm))
+        return [Section("summary", title, False, h, md)]
+    b = _d(m.get("budget"))
+    uni = _d(m.get("uniform"))
+    metric = str(m.get("metric") or "accuracy")  # the task's metric: perplexity, cosine, loss...
+    fp32_acc, acc = m.get("fp32_accuracy"), m.get("accuracy")
+    if metric == "accuracy":
+        fp32_acc = m.get("fp32_value", fp32_acc) if fp32_acc is None else fp32_acc
+        acc = m.get("value", acc) if acc is None else acc
+        f0, f1 = _n(fp32_acc), _n(acc)
+        head, fmt = "Top-1", _pct
+        dtext = "–" if f0 is None or f1 is None else f"{100 * (f1 - f0):+.2f} points"
     else:
-        h, md = _nc("no per-layer rows (metrics.json missing)")
-        out.append(Section("layers", "Per-layer sensitivity and bits", False, h, md))
+        fp32_acc, acc = m.get("fp32_value"), m.get("value")
+        f0, f1 = _n(fp32_acc), _n(acc)
+        better = "higher" if _d(m.get("task")).get("higher_is_better") is True else "lower"
+        head, fmt = metric.capitalize(), _fmt_num
+        dtext = ("–" if f0 is None or f1 is None
+                 else f"{f1 - f0:+.4g} ({better} is better)")
+    if uni.get("value") is not None:
+        dtext += f"; uniform {uni.get('w_bits')}-bit: {fmt(uni['value'])}"
+    fp32_bytes, size = b.get("fp32_bytes"), b.get("size_bytes")
+    bops, fbops = _n(b.get("bops")), _n(b.get("fp32_bops"))
+    gb = (None if fbops is None else fbops / 1e9), (None if bops is None else bops / 1e9)
+    cards = [  # (key, value, sub): plain text; <b> marks the "after" value
+        (head, (fmt(fp32_acc), fmt(acc)), dtext),
+        ("Model size", (_bytes(fp32_bytes), _bytes(size)),
+         f"{_fmt_num(b.get('compression'), 3)}x smaller (weights "
+         f"{_fmt_num(b.get('weight_compression'), 3)}x)"),
+        ("Weight bits", ("32", f"{_fmt_num(b.get('avg_bits'), 3)}"),
+         f"activations {cfg.get('a_bits', '–')}-bit"),
+        ("BOPs", (f"{_fmt_num(gb[0], 4)} G", f"{_fmt_num(gb[1], 4)} G"),
+         "–" if not bops or not fbops else f"{fbops / bops:.1f}x fewer"),
+    ]
+    card_html = "".join(
+        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v0)} &#8594; '
+        f'<b>{_e(v1)}</b>{" avg" if k == "Weight bits" else ""}</div>'
+        f'<div class="s">{_e(sub)}</div></div>' for k, (v0, v1), sub in cards)
+    rows = [["top-1 accuracy" if metric == "accuracy" else metric, fmt(fp32_acc), fmt(acc)],
+            ["model size", _bytes(fp32_bytes), _bytes(size)],
+            ["weight bits (avg)", "32", _fmt_num(b.get("avg_bits"), 4)],
+            ["BOPs (G)", _fmt_num(gb[0]), _fmt_num(gb[1])],
+            ["MACs per sample", _fmt_num(b.get("macs")), _fmt_num(b.get("macs"))]]
+    header = ["", "FP32", "quantized"]
+    if uni:  # the uniform plan of the same size, measured by the run
+        header.append(f"uniform {uni.get('w_bits')}-bit (same size)")
+        for r, v in zip(rows, [fmt(uni.get("value")), _bytes(uni.get("size_bytes")),
+                               _fmt_num(uni.get("w_bits")), "–", _fmt_num(b.get("macs"))]):
+            r.append(v)
+    th, tm = _table(header, rows, set(range(1, len(header))))
+    secs = [_n(v) for v in _d(m.get("seconds")).values()]
+    alloc = _d(m.get("allocation"))
+    total = _n(b.get("total_params"))
+    info = (f"model <code>{_e(cfg.get('model'))}</code>, sensitivity "
+            f"<code>{_e(cfg.get('sensitivity'))}</code>, allocator "
+            f"<code>{_e(cfg.get('allocator'))}</code> "
+            f"({_e(alloc.get('method', ''))}"
+            f"{', optimal' if alloc.get('optimal') is True else ''}), candidate bits "
+            f"{_e(cfg.get('bits'))}, {_e(_fmt_num(b.get('total_params', 0)) if total is None else f'{total:,.0f}')} "
+            f"parameters; time {sum(x for x in secs if x is not None):.1f} s")
+    return [Section("summary", title, True,
+                    f'<p>{info}</p><div class="cards">{card_html}</div>{th}',
+                    f"{_strip(info)}\n\n{tm}")]
 
-    # plots
+
+def _sec_layers(m: dict[str, Any]) -> list[Section]:
+    title = "Per-layer sensitivity and bits"
+    rows_m = _rows(m.get("layers"))
+    if not rows_m:
+        h, md = _nc("no per-layer rows (metrics.json missing)")
+        return [Section("layers", title, False, h, md)]
+    rows = []
+    for i, r in enumerate(rows_m):
+        tr, se = _n(r.get("trace")), _n(r.get("stderr"))
+        trace = (_fmt_num(r.get("trace")) if tr is None
+                 else f"{tr:.4g} ± {se:.2g}" if se is not None else f"{tr:.4g}")
+        eig = r.get("eigenvalue")
+        eig = eig[0] if isinstance(eig, list) and eig else eig
+        wb = r.get("w_bits")
+        badge = (f'<span class="b" style="background:{_colour(_mean_bits(wb))}">'
+                 f'{_e(_fmt_bits(wb))}</span>')
+        rows.append([str(i), _e(r.get("name", "")), _e(r.get("type", "")),
+                     _e(_fmt_num(r.get("params"))), _e(_fmt_num(r.get("macs"))), _e(trace),
+                     _e(_fmt_num(r.get("avg_trace"))),
+                     _e(_fmt_num(eig)) if eig is not None else NOT_COMPUTED, badge,
+                     _e(r.get("a_bits", "–"))])
+    th, tm = _table(["#", "layer", "type", "params", "MACs", "trace ± stderr",
+                     "avg trace", "top eigenvalue", "w bits", "a bits"], rows,
+                    {0, 3, 4, 5, 6, 7, 9}, raw_html=True)
+    return [Section("layers", title, True, bits_svg(rows_m) + th, tm)]
+
+
+def _sec_plots(run: RunData, md_images: dict[str, str]) -> list[Section]:
+    out = []
     for key, name, title, how in (
             ("frontier", "frontier.png", "Pareto frontier: total Omega vs weight size",
              "rerun 'hawq compress --out DIR'"),
@@ -464,63 +539,101 @@ def build_sections(run: RunData, md_images: dict[str, str]) -> list[Section]:
         else:
             h, md = _nc(f"{name} is missing", how)
             out.append(Section(key, title, False, h, md))
+    return out
 
-    # density
+
+def _sec_density(run: RunData, md_images: dict[str, str]) -> list[Section]:
+    title = "Hessian eigenvalue density"
     if run.density and "density.png" in run.images:
         d = run.density
-        text = (f"SLQ over {d.get('dim', 0):,} weights, {d.get('hvp_count', 0)} Hessian-vector "
-                f"products, {float(d.get('seconds', 0)):.1f} s")
+        dim, hvps, secs = _n(d.get("dim")), d.get("hvp_count"), _n(d.get("seconds"))
+        text = (f"SLQ over {_fmt_num(d.get('dim')) if dim is None else f'{dim:,.0f}'} weights, "
+                f"{_fmt_num(hvps)} Hessian-vector products, "
+                f"{_fmt_num(d.get('seconds')) if secs is None else f'{secs:.1f}'} s")
         link = md_images.get("density.png")
-        out.append(Section("density", "Hessian eigenvalue density", True,
-                           _img("density.png", run.images["density.png"], "eigenvalue density")
-                           + f"<p class=muted>{html.escape(text)}</p>",
-                           (f"![eigenvalue density]({link})\n\n" if link else "") + text + "\n"))
-    else:
-        h, md = _nc("the Hessian eigenvalue density", "run 'hawq report DIR --density'")
-        out.append(Section("density", "Hessian eigenvalue density", False, h, md))
+        return [Section("density", title, True,
+                        _img("density.png", run.images["density.png"], "eigenvalue density")
+                        + f"<p class=muted>{_e(text)}</p>",
+                        (f"![eigenvalue density]({link})\n\n" if link else "") + _md(text)
+                        + "\n")]
+    h, md = _nc("the Hessian eigenvalue density", "run 'hawq report DIR --density'")
+    return [Section("density", title, False, h, md)]
 
-    # fine-tuning
+
+def _sec_finetune(run: RunData) -> list[Section]:
     ft = run.finetune
-    if ft:
-        hist = (ft.get("finetune") or {}).get("history") or []
-        rows = [[str(h.get("epoch")), _fmt_num(h.get("loss")), _pct(h.get("train_accuracy")),
-                 _fmt_num(h.get("seconds"), 3)] for h in hist]
-        th, tm = _table(["epoch", "loss", "train top-1", "seconds"], rows, {0, 1, 2, 3})
-        txt = (f"FP32 {_pct(ft.get('fp32_accuracy'))}, post-training "
-               f"{_pct(ft.get('ptq_accuracy'))}, after fine-tuning {_pct(ft.get('accuracy'))}")
-        out.append(Section("finetune", "Fine-tuning", True, f"<p>{txt}</p>{th}", txt + "\n\n" + tm))
-    else:
+    if not ft:
         h, md = _nc("no fine-tuning in this run", "use 'hawq compress --finetune EPOCHS'")
-        out.append(Section("finetune", "Fine-tuning", False, h, md))
+        return [Section("finetune", "Fine-tuning", False, h, md)]
+    hist = _rows(_d(ft.get("finetune")).get("history"))
+    rows = [[str(h.get("epoch")), _fmt_num(h.get("loss")), _pct(h.get("train_accuracy")),
+             _fmt_num(h.get("seconds"), 3)] for h in hist]
+    th, tm = _table(["epoch", "loss", "train top-1", "seconds"], rows, {0, 1, 2, 3})
+    txt = (f"FP32 {_pct(ft.get('fp32_accuracy'))}, post-training "
+           f"{_pct(ft.get('ptq_accuracy'))}, after fine-tuning {_pct(ft.get('accuracy'))}")
+    return [Section("finetune", "Fine-tuning", True, f"<p>{_e(txt)}</p>{th}",
+                    _md(txt) + "\n\n" + tm)]
 
-    # packed export
+
+def _sec_export(run: RunData) -> list[Section]:
     ex = run.export
-    if ex:
-        s = ex.get("sizes") or {}
-        rows = [["accounted size (budget_report)", _bytes(s.get("accounted_bytes"))],
-                ["stored payload (packed weights + float params)", _bytes(s.get("payload_bytes"))],
-                ["tensor file", _bytes(s.get("file_bytes"))],
-                ["scales / zero points / bit lists", _bytes(s.get("quant_meta_bytes"))],
-                ["buffers (BN statistics, activation ranges)", _bytes(s.get("buffer_bytes"))],
-                ["safetensors header", _bytes(s.get("header_bytes"))]]
-        th, tm = _table(["", "bytes"], rows, {1})
-        out.append(Section("export", "Packed integer export", True, th, tm))
-    else:
+    if not ex:
         h, md = _nc("no packed export in the run directory", "run 'hawq export --run DIR'")
-        out.append(Section("export", "Packed integer export", False, h, md))
+        return [Section("export", "Packed integer export", False, h, md)]
+    s = _d(ex.get("sizes"))
+    rows = [["accounted size (budget_report)", _bytes(s.get("accounted_bytes"))],
+            ["stored payload (packed weights + float params)", _bytes(s.get("payload_bytes"))],
+            ["tensor file", _bytes(s.get("file_bytes"))],
+            ["scales / zero points / bit lists", _bytes(s.get("quant_meta_bytes"))],
+            ["buffers (BN statistics, activation ranges)", _bytes(s.get("buffer_bytes"))],
+            ["safetensors header", _bytes(s.get("header_bytes"))]]
+    th, tm = _table(["", "bytes"], rows, {1})
+    return [Section("export", "Packed integer export", True, th, tm)]
 
+
+_SECTION_TITLES = {"command": "Command", "summary": "Accuracy, size and BOPs: before and after",
+                   "layers": "Per-layer sensitivity and bits",
+                   "frontier": "Pareto frontier: total Omega vs weight size",
+                   "density": "Hessian eigenvalue density", "finetune": "Fine-tuning",
+                   "export": "Packed integer export"}
+
+
+def build_sections(run: RunData, md_images: dict[str, str]) -> list[Section]:
+    """All report sections, in order. ``md_images`` maps image names to the relative paths the
+    Markdown file should link (images without a path are described as embedded in the HTML).
+    Every value taken from the run's files is HTML-escaped; a section whose data cannot be
+    shown (a damaged or crafted file) says so instead of failing the report."""
+    m = _d(run.metrics)
+    cfg = _d(m.get("config"))
+    builders = [("command", lambda: _sec_command(run, cfg)),
+                ("summary", lambda: _sec_summary(run, m, cfg)),
+                ("layers", lambda: _sec_layers(m)),
+                ("frontier", lambda: _sec_plots(run, md_images)),
+                ("density", lambda: _sec_density(run, md_images)),
+                ("finetune", lambda: _sec_finetune(run)),
+                ("export", lambda: _sec_export(run))]
+    out: list[Section] = []
+    for key, build in builders:
+        try:
+            out.extend(build())
+        except Exception as exc:  # never fail the whole report on one section's data
+            why = f"its data could not be shown ({type(exc).__name__}: {exc})"
+            run.problems.append(f"section {_SECTION_TITLES[key]!r}: {why}")
+            h, md = _nc(why)
+            out.append(Section(key, _SECTION_TITLES[key], False, h, md))
     if run.problems:
-        items = "".join(f"<li>{html.escape(p)}</li>" for p in run.problems)
+        items = "".join(f"<li>{_e(p)}</li>" for p in run.problems)
         out.append(Section("problems", "Files that could not be used", True,
                            f"<ul>{items}</ul>",
-                           "".join(f"- {p}\n" for p in run.problems)))
+                           "".join(f"- {_md(p)}\n" for p in run.problems)))
     return out
 
 
 def _strip(s: str) -> str:
     import re
 
-    return html.unescape(re.sub(r"<[^>]+>", "`", s).replace("``", "`"))
+    # tags become code marks; escaped values stay entities (Markdown shows them as text)
+    return re.sub(r"<[^>]+>", "`", s).replace("``", "`")
 
 
 _CSS = """
@@ -557,8 +670,7 @@ nav{font-size:13px;margin:14px 0 0}nav a{margin-right:12px;color:#0366d6;text-de
 
 def render_html(run: RunData, sections: list[Section]) -> str:
     """The self-contained HTML page (no external resources)."""
-    m = run.metrics or {}
-    model = (m.get("config") or {}).get("model", "unknown model")
+    model = _d(_d(run.metrics).get("config")).get("model", "unknown model")
     nav = "".join(f'<a href="#{s.key}">{html.escape(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.key}" data-present="{str(s.present).lower()}">'
                    f"<h2>{html.escape(s.title)}</h2>{s.html}</section>" for s in sections)
@@ -573,8 +685,9 @@ def render_html(run: RunData, sections: list[Section]) -> str:
 
 def render_markdown(run: RunData, sections: list[Section]) -> str:
     """The Markdown version (images linked by relative path)."""
-    model = ((run.metrics or {}).get("config") or {}).get("model", "unknown model")
-    parts = [f"# hawq report: {model}\n", f"Run directory: `{os.path.abspath(run.run_dir)}`\n"]
+    model = _d(_d(run.metrics).get("config")).get("model", "unknown model")
+    parts = [f"# hawq report: {_md(model)}\n",
+             f"Run directory: {_md_code(os.path.abspath(run.run_dir))}\n"]
     for s in sections:
         parts.append(f"## {s.title}\n\n{s.md}")
     return "\n".join(parts)
@@ -625,27 +738,89 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
                         list(run.problems))
 
 
+def confirm_run_specs(run_dir: str | os.PathLike, recorded_model: Any, recorded_data: Any,
+                      model: str | None = None, data: str | None = None) -> tuple[str, str | None]:
+    """The (model, data) specs to rebuild a run from, never taken from the run's files when
+    they would import code: a built-in registry model name may come from the run; a model or
+    data *factory* (``pkg.module:factory``, ``file.py:factory``) must be given by the caller
+    (``model``/``data``, from ``--model``/``--data``) and equal what the run recorded.
+    Raises ConfigError naming both specs when they differ or one is missing. Cost: none."""
+    from hawq.modules.models import MODELS
+
+    where = f"run {str(run_dir)!r}"
+    if isinstance(recorded_model, str) and recorded_model in MODELS:
+        if model is not None and model != recorded_model:
+            raise ConfigError(f"--model {model!r} differs from the model {recorded_model!r} "
+                              f"{where} was made with: drop --model or give --model "
+                              f"{recorded_model}")
+        name = recorded_model
+    elif not isinstance(recorded_model, str) or ":" not in recorded_model:
+        raise ConfigError(f"{where}: its model {recorded_model!r} is neither a built-in name "
+                          f"({MODELS.names()}) nor 'pkg.module:factory': it was handed to "
+                          "hawq.compress as an object, so it cannot be rebuilt from the "
+                          "command line; save the compressed model in Python with "
+                          "hawq.post.export.save_quantized(model, path), or run 'hawq compress "
+                          "--model pkg.module:factory'")
+    elif model is None:
+        raise ConfigError(f"{where} was made on your model factory {recorded_model!r}; hawq "
+                          "never imports code named in a run's files: give it yourself with "
+                          f"--model {recorded_model}"
+                          + (f" --data {recorded_data}" if isinstance(recorded_data, str)
+                             and recorded_data else ""))
+    elif model != recorded_model:
+        raise ConfigError(f"--model {model!r} differs from the model factory {recorded_model!r} "
+                          f"{where} was made with: give --model {recorded_model} (the run's "
+                          "plan fits that model)")
+    else:
+        name = model
+    if recorded_data is not None and not isinstance(recorded_data, str):
+        raise ConfigError(f"{where}: its recorded data spec {recorded_data!r} is not a string; "
+                          "the run's metrics.json is damaged: rerun 'hawq compress'")
+    if recorded_data:
+        if data is None:
+            raise ConfigError(f"{where} was made on your data factory {recorded_data!r}; hawq "
+                              "never imports code named in a run's files: give it yourself "
+                              f"with --data {recorded_data}")
+        if data != recorded_data:
+            raise ConfigError(f"--data {data!r} differs from the data {recorded_data!r} {where} "
+                              f"was made with: give --data {recorded_data}")
+    elif data is not None:
+        raise ConfigError(f"--data {data!r}: {where} was made without a data factory (on "
+                          f"{'the model factory' if ':' in name else 'the built-in'} data); "
+                          "drop --data")
+    return name, recorded_data or None
+
+
 def compute_density(run_dir: str | os.PathLike, *, samples: int = 256, n_steps: int = 40,
-                    n_vectors: int = 1, progress: bool = False) -> Path:
+                    n_vectors: int = 1, progress: bool = False, model: str | None = None,
+                    data: str | None = None) -> Path:
     """Compute the SLQ Hessian eigenvalue density of the run's FP32 model on ``samples``
     training samples (the run's model, data dir and seed from metrics.json) and write
-    ``density.json`` into the run directory. Cost: n_vectors * n_steps Hessian-vector
-    products (see :func:`hawq.analysis.hessian_density.spectral_density`)."""
+    ``density.json`` into the run directory. A run on your own model or data factory needs
+    ``model=`` / ``data=`` (the specs, as typed on the command line) equal to the run's:
+    nothing named in the run's files is imported (:func:`confirm_run_specs`). Cost:
+    n_vectors * n_steps Hessian-vector products (see
+    :func:`hawq.analysis.hessian_density.spectral_density`)."""
     from hawq.feed.data import load_dataset
     from hawq.analysis.hessian_density import spectral_density
     from hawq.modules.models import MODELS, build_model, get_spec
 
     run = load_run(run_dir)
     cfg = (run.metrics or {}).get("config")
-    if not cfg:
+    if not isinstance(cfg, dict) or not cfg:
         raise DataError(f"{run_dir}: metrics.json is missing, so the model is unknown; run "
                         "'hawq compress --out DIR' first")
-    name, task = cfg["model"], cfg.get("task")
+    name, data_spec = confirm_run_specs(run_dir, cfg.get("model"), cfg.get("data"), model, data)
+    task = cfg.get("task")
+    if task is not None and not isinstance(task, str):
+        raise DataError(f"{run_dir}: metrics.json's task {task!r} is not a task name; rerun "
+                        "'hawq compress'")
+    cfg = dict(cfg, data=data_spec)
     if name in MODELS and not cfg.get("data"):
         spec = get_spec(name)
         model = build_model(name, pretrained=True, data_dir=cfg.get("data_dir"))
         data = load_dataset(spec.dataset, "train", cfg.get("data_dir"), samples).tensors
-    else:  # the user's model / data, by the specs the run recorded
+    else:  # the user's model / data, by the specs the caller gave (= the run's)
         from hawq.ui.loading import load_object, unpack_data, unpack_setup
         from hawq.feed.tasks import materialize
 
@@ -663,6 +838,10 @@ def compute_density(run_dir: str | os.PathLike, *, samples: int = 256, n_steps: 
                             "and its config names no data factory: the density cannot be "
                             "computed")
         data = materialize(splits["calib"], samples, "calibration data", limit=samples)
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise DataError(f"{run_dir}: metrics.json's seed {seed!r} is not an integer; rerun "
+                        "'hawq compress'")
     res = spectral_density(model, data, n_steps=n_steps, n_vectors=n_vectors,
-                           seed=int(cfg.get("seed", 0)), progress=progress, task=task)
+                           seed=seed, progress=progress, task=task)
     return write_json(Path(run_dir) / "density.json", res.to_dict() | {"samples": samples})

@@ -38,8 +38,9 @@ from hawq.analysis.sensitivities import hessian_warnings, sensitivity_costs
 from hawq.modules.surgery import layers as layer_infos
 from hawq.feed.tasks import Task, as_task, iter_batches, split_batch
 
-__all__ = ["CompressResult", "Setup", "Splits", "Steps", "compress", "finetune_plan",
-           "run_workflow", "setup", "write_outputs", "zeroq"]
+__all__ = ["RUN_DIRS", "RUN_FILES", "RUN_MARKER", "CompressResult", "Setup", "Splits", "Steps",
+           "claim_run_dir", "compress", "finetune_plan", "run_files", "run_workflow", "setup",
+           "write_outputs", "zeroq"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,111 @@ class CompressResult:
         return asdict(self)
 
 
+# ----------------------------------------------------------------------------- run folders
+
+#: the marker that says which run owns a run folder (``run_id``, ``kind``, ``created``)
+RUN_MARKER = "run.json"
+#: the files hawq's commands write into a run folder (compress/zeroq, record_command, export,
+#: report, finetune, density); a new run refuses a folder holding any of them (or clears them)
+RUN_FILES = (RUN_MARKER, "plan.json", "metrics.json", "sensitivity.json", "frontier.png",
+             "layers.png", "distill.png", "command.json", "density.json", "model.safetensors",
+             "model.json", "model.pt", "finetune.json", "last.pt", "report.html", "report.md")
+#: the folders hawq's commands write into a run folder
+RUN_DIRS = ("finetune", "report_files")
+
+
+def run_files(out_dir: str | Path) -> list[str]:
+    """The names of hawq's own run outputs (:data:`RUN_FILES`, :data:`RUN_DIRS` with a
+    trailing ``/``) present in ``out_dir``, the marker excluded. Cost: one stat per name."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [n for n in RUN_FILES if n != RUN_MARKER and (out / n).is_file()]
+    return found + [f"{n}/" for n in RUN_DIRS if (out / n).is_dir()]
+
+
+def _marker_id(out: Path) -> str | None:
+    try:
+        import json
+
+        return json.loads((out / RUN_MARKER).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def claim_run_dir(out_dir: str | Path, kind: str, overwrite: bool = False
+                  ) -> tuple[str, list[str]]:
+    """Make ``out_dir`` the folder of one new run, before any work: refuse a path that is a
+    file or cannot be written, and a folder that holds another run's outputs (a
+    :class:`ConfigError` listing them and saying to pass a new ``--out`` / ``out_dir``); with
+    ``overwrite`` remove those outputs instead (only hawq's own :data:`RUN_FILES` /
+    :data:`RUN_DIRS`; other files stay). Then write ``run.json`` (a new run id). A folder holding
+    only a marker (a run that stopped before writing anything) is taken over. Returns (run id,
+    the names removed). Cost: a few file-system calls (plus deleting what ``overwrite`` clears).
+    """
+    import datetime as _dt
+    import shutil
+    import uuid
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {str(out)!r} is an existing file, not a folder: pass a new "
+                          "--out (a folder hawq creates)")
+    old = run_files(out)
+    removed: list[str] = []
+    if old and not overwrite:
+        raise ConfigError(f"out_dir {str(out)!r} already holds another run's files {old}: pass a "
+                          "new --out (each run folder holds one run), or --overwrite to remove "
+                          "just these (from Python: overwrite=True)")
+    try:
+        for name in old:
+            target = out / name.rstrip("/")
+            if name.endswith("/"):
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+            removed.append(name)
+        out.mkdir(parents=True, exist_ok=True)
+        run_id = uuid.uuid4().hex
+        write_json(out / RUN_MARKER, {
+            "run_id": run_id, "kind": kind,
+            "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds")})
+    except OSError as exc:
+        raise ConfigError(f"out_dir {str(out)!r} cannot be written ({exc.strerror or exc}): pass "
+                          "a writable --out") from None
+    if removed:
+        log.warning("cleared %s of a previous run from %s", removed, out)
+    return run_id, removed
+
+
+def _release_run_dir(out_dir: str | Path, run_id: str, created: bool) -> None:
+    """Undo :func:`claim_run_dir` after a run failed before writing anything: remove our
+    marker (and the folder when the claim created it and it is now empty)."""
+    out = Path(out_dir)
+    try:
+        if _marker_id(out) == run_id and not run_files(out):
+            (out / RUN_MARKER).unlink()
+            if created and not any(out.iterdir()):
+                out.rmdir()
+    except OSError:  # best effort: the run's own error is what the user must see
+        pass
+
+
+def _owned_run(out_dir: str | Path | None, kind: str, overwrite: bool,
+               work: Callable[[str | None, list[str]], CompressResult]) -> CompressResult:
+    """Claim ``out_dir`` (when given) before ``work(run_id, removed)`` runs; release it when the
+    work fails before writing anything."""
+    if out_dir is None:
+        return work(None, [])
+    created = not Path(out_dir).exists()
+    run_id, removed = claim_run_dir(out_dir, kind, overwrite)
+    try:
+        return work(run_id, removed)
+    except BaseException:
+        _release_run_dir(out_dir, run_id, created)
+        raise
+
+
 # ----------------------------------------------------------------------------- the skeleton
 
 @dataclass
@@ -276,13 +382,19 @@ def _evaluate_uniform(st: Setup, float_model: nn.Module, b: int, a_bits: int, ca
 
 
 def run_workflow(st: Setup, cfg: Any, steps: Steps, out_dir: str | Path | None = None,
-                 progress: bool = False) -> CompressResult:
+                 progress: bool = False, *, run_id: str | None = None,
+                 cleared: list[str] | None = None) -> CompressResult:
     """setup -> sensitivity -> allocate (-> refine) -> quantize/calibrate/evaluate -> write.
 
     The model in ``st`` is quantized in place. With ``compare_uniform`` (config, default on)
     the uniform plan of equal size is evaluated beside the mixed one on a copy of the float
     model (one more calibration and test pass). Returns a :class:`CompressResult`; given
-    ``out_dir`` writes it with :func:`write_outputs`."""
+    ``out_dir`` writes it with :func:`write_outputs` (``run_id``: the id
+    :func:`claim_run_dir` gave when the caller claimed ``out_dir`` before the work; None claims
+    it now; ``cleared``: what that claim removed, reported as a warning)."""
+    if cleared:
+        st.warnings.append(f"cleared {cleared} of a previous run from {str(out_dir)!r} "
+                           "(overwrite=True)")
     times = st.times
     a_bits = cfg.a_bits
     t0 = time.perf_counter()
@@ -343,22 +455,34 @@ def run_workflow(st: Setup, cfg: Any, steps: Steps, out_dir: str | Path | None =
         task=st.task.to_dict(), metric=st.task.metric, fp32_value=fp32v, value=value,
         warnings=warnings, distill=extras.get("distill"))
     if out_dir is not None:
-        write_outputs(Path(out_dir), result, stats, omega, st.params, st.names)
+        write_outputs(Path(out_dir), result, stats, omega, st.params, st.names, run_id=run_id)
     return result
 
 
 def write_outputs(out: Path, result: CompressResult, stats: dict[str, Any],
-                  omega: np.ndarray | None, params: np.ndarray, names: list[str]) -> None:
+                  omega: np.ndarray | None, params: np.ndarray, names: list[str], *,
+                  run_id: str | None = None) -> None:
     """Write plan.json, metrics.json, sensitivity.json (each atomically) and the plots
     frontier.png, layers.png, distill.png where they apply into ``out``; a plot that fails is
-    logged and skipped, never losing the JSON."""
+    logged and skipped, never losing the JSON. sensitivity.json is ``stats`` plus ``model``:
+    the format ``hawq allocate --sensitivity-file`` reads (see :mod:`hawq.analysis.sensfile`).
+
+    ``out`` belongs to one run: ``run_id`` is the id :func:`claim_run_dir` gave when the
+    workflow claimed it before its work (a ConfigError if another run has taken the folder
+    since); None claims it now (a ConfigError when it holds another run's files)."""
     from hawq.maths.allocation import Allocation, pareto_frontier, uniform_points
     from hawq.base.plots import plot_distill, plot_frontier, plot_layer_bits
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if run_id is None:
+        claim_run_dir(out, "write_outputs")
+    elif _marker_id(out) != run_id:
+        raise ConfigError(f"out_dir {str(out)!r} was taken by another run while this one ran "
+                          f"(its {RUN_MARKER} names another run id): pass a new --out")
     BitPlan.from_dict(result.plan).to_json(out / "plan.json")
-    write_json(out / "sensitivity.json", stats)
+    sens = dict(stats)
+    sens.setdefault("model", result.config.get("model"))
+    write_json(out / "sensitivity.json", sens)
     write_json(out / "metrics.json", result.to_dict())
     title = result.config.get("model") or "model"
     try:
@@ -454,7 +578,7 @@ def _job(model: Any, cls: type, config: Any, overrides: dict[str, Any]) -> tuple
 def compress(model: nn.Module | CompressConfig | None = None, data: Any = None, *,
              task: Task | str | Callable | None = None, config: CompressConfig | None = None,
              out_dir: str | Path | None = None, progress: bool = False,
-             **overrides: Any) -> CompressResult:
+             overwrite: bool = False, **overrides: Any) -> CompressResult:
     """Mixed-precision compression of ``model`` (yours, quantized in place) on ``data`` judged
     by ``task``; or, with ``model`` None, of the built-in ``config.model`` on its own data.
 
@@ -466,14 +590,23 @@ def compress(model: nn.Module | CompressConfig | None = None, data: Any = None, 
     ``config`` (:class:`hawq.post.config.CompressConfig`) or keyword ``overrides`` of its fields.
     ``compress(CompressConfig(...), out_dir=...)`` (a config first) also works.
 
-    Given ``out_dir``: plan.json, metrics.json, sensitivity.json, frontier.png, layers.png.
+    Given ``out_dir``: plan.json, metrics.json, sensitivity.json, frontier.png, layers.png and
+    run.json; the folder is claimed before any work (:func:`claim_run_dir`): a ConfigError when
+    it holds another run's files, unless ``overwrite`` (which clears only those, and says so
+    in ``warnings``).
     Cost: the FP32 and quantized passes over the test data, the sensitivity's cost
     (:func:`hawq.analysis.sensitivities.sensitivity_costs`), refinement for low-bit hybrid plans, one
     calibration pass, and with ``compare_uniform`` one more calibration + test pass.
     """
     model, cfg = _job(model, CompressConfig, config, overrides)
+    return _owned_run(out_dir, "compress", overwrite, lambda run_id, cleared: _compress(
+        model, data, task, cfg, out_dir, progress, run_id, cleared))
+
+
+def _compress(model, data, task, cfg: CompressConfig, out_dir, progress, run_id, cleared
+              ) -> CompressResult:
     if cfg.allocator in CHANNELWISE_ALLOCATORS:
-        return _compress_channelwise(model, data, task, cfg, out_dir, progress)
+        return _compress_channelwise(model, data, task, cfg, out_dir, progress, run_id, cleared)
     extra = cfg.refine_samples if refine_wanted(cfg) else 0
     st = setup(model, data, task, cfg, extra=extra, quant=QuantConfig(w_clip=cfg.w_clip),
                progress=progress)
@@ -486,10 +619,11 @@ def compress(model: nn.Module | CompressConfig | None = None, data: Any = None, 
                       np.zeros((len(st.names), len(cfg.bits))), {}, limits)
     steps = Steps(_calib_steps(cfg), _sensitivity_step(cfg, progress),
                   _allocate_step(cfg, limits, progress), cfg.calib_samples, cfg.bias_correct)
-    return run_workflow(st, cfg, steps, out_dir, progress)
+    return run_workflow(st, cfg, steps, out_dir, progress, run_id=run_id, cleared=cleared)
 
 
-def _compress_channelwise(model, data, task, cfg: CompressConfig, out_dir, progress):
+def _compress_channelwise(model, data, task, cfg: CompressConfig, out_dir, progress,
+                          run_id=None, cleared=None):
     """``method=cw-hawq|cw-hessian``: channel traces, channel-wise plan (DDPG ratios on a
     held-out split, reward from the task metric; or trace-sorted channel groups)."""
     from hawq.analysis.channelwise import (ChannelAllocator, ChannelLayer, ChannelRewardModel,
@@ -554,14 +688,14 @@ def _compress_channelwise(model, data, task, cfg: CompressConfig, out_dir, progr
         return Chosen(chan_bits, info, rows)
 
     steps = Steps(_calib_steps(cfg), sensitivity, allocate, cfg.calib_samples, cfg.bias_correct)
-    return run_workflow(st, cfg, steps, out_dir, progress)
+    return run_workflow(st, cfg, steps, out_dir, progress, run_id=run_id, cleared=cleared)
 
 
 # ----------------------------------------------------------------------------- zeroq
 
 def zeroq(model: nn.Module | ZeroQConfig | None = None, data: Any = None, *,
           task: Task | str | Callable | None = None, config: ZeroQConfig | None = None,
-          out_dir: str | Path | None = None, progress: bool = False,
+          out_dir: str | Path | None = None, progress: bool = False, overwrite: bool = False,
           **overrides: Any) -> CompressResult:
     """Zero-shot quantization: distil inputs from the model's BatchNorm statistics, measure
     sensitivity on them (KL to FP32, or Hessian), allocate, quantize, calibrate on them, and
@@ -569,16 +703,23 @@ def zeroq(model: nn.Module | ZeroQConfig | None = None, data: Any = None, *,
 
     ``model`` None: the built-in ``config.model``. ``zeroq(ZeroQConfig(...), out_dir=...)``
     also works. Given ``out_dir``: plan.json, metrics.json, sensitivity.json, frontier.png,
-    layers.png, distill.png. Returns a :class:`CompressResult` (``distill`` holds the
-    distillation record). Cost: ``distill_iters`` forward+backward passes on ``distill_batch``
+    layers.png, distill.png, run.json (the folder is claimed before any work, as in
+    :func:`compress`; ``overwrite`` clears another run's files). Returns a
+    :class:`CompressResult` (``distill`` holds the distillation record). Cost: ``distill_iters`` forward+backward passes on ``distill_batch``
     inputs, the sensitivity (KL: 1 + L*B forwards on them), one calibration forward and two
     test passes when ``evaluate``.
     """
+    model, cfg = _job(model, ZeroQConfig, config, overrides)
+    return _owned_run(out_dir, "zeroq", overwrite, lambda run_id, cleared: _zeroq(
+        model, data, task, cfg, out_dir, progress, run_id, cleared))
+
+
+def _zeroq(model, data, task, cfg: ZeroQConfig, out_dir, progress, run_id, cleared
+           ) -> CompressResult:
     from hawq.analysis.distill import distill_data, infer_input_shape
     from hawq.post.config import DATA_SOURCES
     from hawq.analysis.zeroq import gaussian_data, hessian_sensitivity, kl_sensitivity
 
-    model, cfg = _job(model, ZeroQConfig, config, overrides)
     t0 = time.perf_counter()
     if model is None:
         spec = get_spec(cfg.model)
@@ -646,6 +787,8 @@ def zeroq(model: nn.Module | ZeroQConfig | None = None, data: Any = None, *,
             omega, hs = hessian_sensitivity(s.model, d, names, cfg.bits, quant, seed=cfg.seed,
                                             max_probes=cfg.hessian_max_probes,
                                             tol=cfg.hessian_tol, progress=progress)
+            # a negative trace estimate is zero curvature (hessian_warnings says so)
+            omega = np.maximum(np.asarray(omega, dtype=float), 0.0)
             stats.update(hs)
             stats["warnings"] = hessian_warnings(stats)
         stats["omega"] = omega.tolist()
@@ -658,10 +801,27 @@ def zeroq(model: nn.Module | ZeroQConfig | None = None, data: Any = None, *,
         return Chosen([int(b) for b in alloc.bits], alloc.to_dict())
 
     steps = Steps(source, sensitivity, allocate, None, False)
-    return run_workflow(st, cfg, steps, out_dir, progress)
+    return run_workflow(st, cfg, steps, out_dir, progress, run_id=run_id, cleared=cleared)
 
 
 # ----------------------------------------------------------------------------- finetune
+
+#: outputs of compress/zeroq that a fine-tuning folder never holds
+_NOT_FINETUNE = ("metrics.json", "sensitivity.json")
+
+
+def _check_finetune_dir(out: Path) -> None:
+    """A fine-tuning folder must be a folder (or not exist yet) and must not be a compress/zeroq
+    run folder (its plan.json would be replaced beside that run's metrics): ConfigError."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {str(out)!r} is an existing file, not a folder: pass a new "
+                          "--out")
+    other = [n for n in _NOT_FINETUNE if (out / n).is_file()]
+    if other:
+        raise ConfigError(f"out_dir {str(out)!r} holds a compress/zeroq run ({other}): fine-tune "
+                          f"into its own folder, e.g. --out {str(out / 'finetune')!r} (what "
+                          "'hawq compress --finetune' uses) or a new --out")
+
 
 def finetune_plan(model: nn.Module | str, plan: BitPlan, out_dir: str | Path | None = None, *,
                   data: Any = None, task: Any = None, config: Any = None,
@@ -682,6 +842,8 @@ def finetune_plan(model: nn.Module | str, plan: BitPlan, out_dir: str | Path | N
     from hawq.modules.surgery import calibrate_, quantize_
 
     cfg = config or FinetuneConfig()
+    if out_dir is not None:  # checked before any work, the folder is not created here
+        _check_finetune_dir(Path(out_dir))
     dev = resolve_device(device)
     if isinstance(model, str):
         model_name = model
