@@ -321,7 +321,7 @@ def test_compress_and_zeroq_hand_the_user_model_to_the_workflow(user_dir, monkey
 
     seen = {}
 
-    def fake(model, data, *, task=None, config=None, out_dir=None, progress=False):
+    def fake(model, data, *, task=None, config=None, out_dir=None, progress=False, **kw):
         seen.update(model=model, data=data, task=task, config=config, out_dir=out_dir)
         raise ConfigError("stop here")
 

@@ -475,3 +475,11 @@ def test_ctrl_c_while_building_the_parser_or_the_model(capsys, monkeypatch):
 
 def test_hawq_errors_are_still_hawq_errors():
     assert issubclass(DataError, HawqError) and issubclass(ConfigError, HawqError)
+
+
+@pytest.mark.parametrize("layers", [[1, 2], "conv1", 3, {"a": {"w_bits": 4}, 5: {"w_bits": 4}}])
+def test_plan_whose_layers_is_not_an_object_is_a_config_error(layers):
+    from hawq.maths.plan import BitPlan
+
+    with pytest.raises(ConfigError, match="'layers' is an object"):
+        BitPlan.from_dict({"layers": layers})

@@ -124,16 +124,23 @@ def test_report_with_missing_pieces_says_not_computed(tmp_path, run_dir):
     assert _section(html, "density").startswith("false|")
     assert "hawq report DIR --density" in html
     assert "hawq compress" in _section(html, "command")  # rebuilt from the config
-    # an empty directory and a broken file: still a page, no crash
+    # a folder without a run (only broken files) is refused, naming what could not be read
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "frontier.png").write_bytes(b"not a png")
     (empty / "sensitivity.json").write_text("{broken")
+    with pytest.raises(DataError, match=r"holds no readable hawq run.*sensitivity\.json"):
+        write_report(empty)
+    assert not (empty / "report.html").exists()
+    # a plan beside broken files: still a page, the problems listed, no crash
+    shutil.copy(run_dir / "plan.json", empty / "plan.json")
+    (empty / "metrics.json").write_text("[1, 2]")
     res = write_report(empty)
-    assert not any(res.sections[k] for k in SECTIONS)
+    assert not any(res.sections[k] for k in SECTIONS if k != "layers")
     assert any("sensitivity.json" in p for p in res.problems)
+    assert any("metrics.json" in p for p in res.problems)
     html = Path(res.html_path).read_text()
-    assert html.count(NOT_COMPUTED) >= len(SECTIONS) - 1
+    assert html.count(NOT_COMPUTED) >= len(SECTIONS) - 2
     with pytest.raises(DataError, match="does not exist"):
         load_run(tmp_path / "nope")
 

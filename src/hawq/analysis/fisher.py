@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hawq.base import dist
 from hawq.modules.attention import attention_safe
 from hawq.base.errors import ConfigError, DataError, NumericalError
 from hawq.modules.qmodules import layer_weight
@@ -114,9 +115,19 @@ def fisher_traces(model: nn.Module, mods: Sequence[tuple[str, nn.Module]],
     per-sample loss (both: :class:`ConfigError`). ``model`` should be in eval mode. Cost: one
     vmapped forward+backward per chunk of ``chunk`` samples (default: about 256 MiB of
     per-sample gradients), or one per sample where vmap does not apply; no HVPs. Raises
-    :class:`NumericalError` naming the sample and batch on a NaN/inf loss."""
-    from torch.func import grad_and_value, vmap
+    :class:`NumericalError` naming the sample and batch on a NaN/inf loss.
 
+    Distributed (:mod:`hawq.base.dist`): rank r takes batches r, r+N, ...; the per-layer sums
+    are all-reduced once (L numbers), so every rank returns the
+    single-process result (to summation order)."""
+    with dist.guard():
+        return _fisher_traces(model, mods, batches, criterion, chunk, task)
+
+
+def _fisher_traces(model: nn.Module, mods: Sequence[tuple[str, nn.Module]],
+                   batches: Sequence[Any], criterion: Callable | None, chunk: int | None,
+                   task: Task | str | Callable | None) -> np.ndarray:
+    from torch.func import grad_and_value, vmap
 
     task, _ = resolve_task(task, criterion, model)
     check_fisher_task(task)
@@ -140,9 +151,12 @@ def fisher_traces(model: nn.Module, mods: Sequence[tuple[str, nn.Module]],
     use_vmap = True
     total = torch.zeros(len(keys), dtype=torch.float64)
     n = 0
+    batches = list(batches)
+    starts = np.cumsum([0] + [batch_len(b) for b in batches])  # first sample of each batch
     with attention_safe(model):  # no fused attention fast path; twice-differentiable SDPA
-        for bi, batch in enumerate(batches):
-            for piece in split_batch(batch, chunk):
+        for bi in dist.shard(range(len(batches))):
+            n = int(starts[bi])  # sample numbering as in one process
+            for piece in split_batch(batches[bi], chunk):
                 piece = batch_to(piece, device)
                 dims = _vmap_dims(piece)
                 sq = losses = None
@@ -163,7 +177,8 @@ def fisher_traces(model: nn.Module, mods: Sequence[tuple[str, nn.Module]],
                                          "for NaN/inf")
                 total += sq.detach().double().sum(0).cpu()
                 n += batch_len(piece)
-    return (total / n).numpy()
+    total = dist.all_reduce_sum(total)  # no-op in a single process
+    return (total / int(starts[-1])).numpy()
 
 
 def _loop(model: nn.Module, weights: list[torch.Tensor], task: Task, batch: Any

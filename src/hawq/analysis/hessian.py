@@ -29,6 +29,12 @@ Stopping rule: every layer's relative standard error stderr/|mean| <= ``tol`` af
 trace changes by less than ``tol`` (relative) between consecutive probes: that is no statistical
 error bound (a slowly drifting mean stops it early, and with a negative running trace its
 ``/(trace + 1e-6)`` test is always true) and says nothing about single layers.
+
+Distributed (a ``torch.distributed`` process group, e.g. under ``torchrun``; see
+:mod:`hawq.base.dist`): rank r of N owns chunks r, r+N, ...; all ranks draw the same probes and
+each probe's per-layer scalars are summed over ranks (O(layers) numbers), so the result is the
+single-process one; :meth:`HessianOperator.hvp` / ``block_hvp`` sum whole vectors (O(params)),
+which power iteration and Lanczos need. Without a process group nothing changes.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from hawq.base import dist
 from hawq.modules.attention import attention_safe
 from hawq.base.errors import ConfigError, DataError, NumericalError, UnsupportedLayerError
 from hawq.modules.qmodules import layer_weight
@@ -115,9 +122,12 @@ class HessianResult:
         return cls(**{k: v for k, v in d.items() if k in known and k != "layers"}, layers=layers)
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        """Write as JSON atomically (temporary file + rename); returns the path."""
+        """Write as JSON atomically (temporary file + rename); returns the path. In a
+        distributed run only rank 0 writes (every rank holds the same result)."""
         from hawq.base.io import write_json
 
+        if not dist.is_main():
+            return Path(path)
         return write_json(path, self.to_dict())
 
     @classmethod
@@ -314,25 +324,49 @@ class HessianOperator:
             self.scale = [1.0 / self.samples if summed else k / self.samples for k in n]
         self.act_elems = np.zeros(len(mods), dtype=np.int64)
         self._counted: set[int] = set()
+        self._numel: dict[int, int] = {}  # activations: probe-vector length of each chunk
         self.hvp_count = 0
         self.passes = 0
         self.custom: list[tuple[str, str]] = []
         self.order: dict[str, int] = {}
         self.cache: dict[int, _Graph] = {}
-        counter = _SavedBytes() if len(batches) > 1 else None
-        first = self._build(0, inspect=True, counter=counter)
-        self.n_cached = len(batches)
+        # this rank's chunks (all of them in a single process): see hawq.base.dist
+        self.own = dist.shard(range(len(batches)))
+        own = self.own
+        counter = _SavedBytes() if len(own) > 1 else None
+        first = self._build(own[0], inspect=True, counter=counter) if own else None
+        keep = list(own)
         if counter is not None:
             budget = 0.5 * _free_bytes(self.device) if max_graph_bytes is None else max_graph_bytes
-            est = [counter.total * k / n[0] for k in n]
-            self.n_cached, used = 0, 0.0
-            for k in range(len(batches)):  # keep a prefix; room for one rebuilt graph at a time
-                if used + est[k] + max(est[k + 1:], default=0.0) > budget:
+            est = [counter.total * n[k] / n[own[0]] for k in own]
+            keep, used = [], 0.0
+            for pos, k in enumerate(own):  # keep a prefix; room for one rebuilt graph at a time
+                if used + est[pos] + max(est[pos + 1:], default=0.0) > budget:
                     break
-                used += est[k]
-                self.n_cached += 1
-        if self.n_cached > 0:
-            self.cache[0] = first
+                used += est[pos]
+                keep.append(k)
+        self.n_cached, self._keep = len(keep), set(keep)
+        if first is not None and own[0] in self._keep:
+            self.cache[own[0]] = first
+        if self.activations and dist.is_distributed():
+            self._share_activation_sizes()
+
+    def _share_activation_sizes(self) -> None:
+        """Distributed activation target: learn every chunk's probe-vector length (so each
+        rank can advance the shared probe generator past the other ranks' chunks exactly as a
+        single process would) and the per-layer activation element counts over all the data.
+        Cost: one pass per own chunk not already built (once), one all-reduce of C + L
+        integers."""
+        for k in self.own:
+            self.graph(k)
+        C = len(self.batches)
+        local = torch.zeros(C + len(self.mods), dtype=torch.int64)
+        for k in self.own:
+            local[k] = self._numel[k]
+        local[C:] = torch.from_numpy(self.act_elems)
+        total = dist.all_reduce_sum(local)
+        self._numel = {k: int(total[k]) for k in range(C)}
+        self.act_elems = total[C:].numpy().astype(np.int64)
 
     def _build(self, k: int, inspect: bool = False, counter: _SavedBytes | None = None) -> _Graph:
         batch = batch_to(self.batches[k], self.device)
@@ -378,6 +412,7 @@ class HessianOperator:
                                   "second-order terms would be silently dropped", where)
         if self.activations and k not in self._counted:
             self._counted.add(k)
+            self._numel[k] = sum(d.numel() for d in deltas)
             np.add.at(self.act_elems, owner, [d.numel() for d in deltas])
             if set(owner) != set(range(len(self.mods))):
                 lost = [self.names[i] for i in range(len(self.mods)) if i not in set(owner)]
@@ -412,7 +447,7 @@ class HessianOperator:
         if k in self.cache:
             return self.cache[k]
         g = self._build(k)
-        if k < self.n_cached:
+        if k in self._keep:
             self.cache[k] = g
         return g
 
@@ -439,22 +474,28 @@ class HessianOperator:
         return [torch.zeros_like(v) if h is None else h for h, v in zip(out, vs)]
 
     def hvp(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """H v of the mean loss w.r.t. the weights, summed over chunks (C double-backwards)."""
+        """H v of the mean loss w.r.t. the weights, summed over chunks (C double-backwards).
+        Distributed: each rank sums its chunks and the vectors are all-reduced (O(params)
+        numbers per product: the price of methods that need the whole vector, e.g. Lanczos)."""
         out = [torch.zeros_like(v) for v in vs]
-        for k in range(len(self.batches)):
+        for k in self.own:
             for o, h in zip(out, self.chunk_hvp(self.graph(k), vs)):
                 o.add_(h, alpha=self.scale[k])
         self.hvp_count += 1
+        if dist.is_distributed():
+            flat = dist.all_reduce_sum(torch.cat([o.reshape(-1) for o in out]))
+            out = [f.view_as(o) for f, o in zip(flat.split([o.numel() for o in out]), out)]
         return out
 
     def block_hvp(self, i: int, v: torch.Tensor) -> torch.Tensor:
         """H_ii v for weight layer i alone (differentiates only g_i, so the double-backward
-        runs from layer i to the loss: cheaper for later layers). One block product."""
+        runs from layer i to the loss: cheaper for later layers). One block product.
+        Distributed: the rank sums are all-reduced (layer i's weight count of numbers)."""
         out = torch.zeros_like(v)
-        for k in range(len(self.batches)):
+        for k in self.own:
             out.add_(self.chunk_hvp(self.graph(k), [v], [i])[0], alpha=self.scale[k])
         self.hvp_count += 1
-        return out
+        return dist.all_reduce_sum(out)
 
     def probe(self, gen: torch.Generator, n: int, channel: bool = False,
               vectorized: bool = False, mode: str = "joint",
@@ -468,13 +509,24 @@ class HessianOperator:
         L = len(self.mods)
         acc: list[torch.Tensor | None] = [None] * L
         vs: list[torch.Tensor] = []
+
+        def draw(wrt: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            sizes = [w.numel() for w in wrt]
+            flat = torch.randint(0, 2, (n, sum(sizes)), generator=gen, dtype=torch.int8)
+            flat = flat.to(device=self.device, dtype=wrt[0].dtype).mul_(2).sub_(1)
+            return [f.view(n, *w.shape) for f, w in zip(flat.split(sizes, 1), wrt)]
+
+        if not self.activations:  # one vector per probe for all chunks (and all ranks)
+            vs = draw(self.params)
+        mine = set(self.own)
         for k in range(len(self.batches)):
+            if k not in mine:  # another rank's chunk: advance the shared stream as it does
+                if self.activations:
+                    torch.randint(0, 2, (n, self._numel[k]), generator=gen, dtype=torch.int8)
+                continue
             g = self.graph(k)
-            if self.activations or k == 0:  # activations: each chunk has its own vectors
-                sizes = [w.numel() for w in g.wrt]
-                flat = torch.randint(0, 2, (n, sum(sizes)), generator=gen, dtype=torch.int8)
-                flat = flat.to(device=self.device, dtype=g.wrt[0].dtype).mul_(2).sub_(1)
-                vs = [f.view(n, *w.shape) for f, w in zip(flat.split(sizes, 1), g.wrt)]
+            if self.activations:  # each chunk has its own vectors
+                vs = draw(g.wrt)
             groups = ([list(range(len(g.wrt)))] if mode == "joint" else
                       [[j for j, o in enumerate(g.owner) if o == i] for i in range(L)
                        if active is None or active[i]])
@@ -497,6 +549,16 @@ class HessianOperator:
                     i = g.owner[j]
                     acc[i] = prod if acc[i] is None else acc[i] + prod
         self.hvp_count += n if mode == "joint" else n * (L if active is None else int(sum(active)))
+        if dist.is_distributed():  # the same shapes on every rank, then one sum of scalars
+            width = [p.shape[0] if channel and not self.activations and p.dim() else 1
+                     for p in self.params]
+            if self.activations and channel:
+                raise ConfigError("channel sums of activation probes are not supported "
+                                  "distributed: run metric='activation' without channel=True")
+            full = [torch.zeros(n, w, dtype=torch.float64) if a is None else a.cpu()
+                    for a, w in zip(acc, width)]
+            flat = dist.all_reduce_sum(torch.cat([a.reshape(-1) for a in full]))
+            return [f.view(n, w) for f, w in zip(flat.split([n * w for w in width]), width)]
         return [a.cpu() if a is not None else torch.zeros(n, 1, dtype=torch.float64) for a in acc]
 
 
@@ -523,12 +585,17 @@ def hutchinson(op: HessianOperator, gen: torch.Generator, tol: float = 1e-2,
     probes HVPs. ``mode="layer"``: each layer is probed with its own block product and stops on
     its own by the same rule, so converged layers cost nothing more. Cost: sum over layers of
     probes_i block products. The rule is checked every ``probe_batch`` probes.
+
+    Distributed (see :mod:`hawq.base.dist`): every rank draws the same probes from ``gen``, the
+    operator sums each probe's per-layer scalars over the ranks' chunks, so every rank sees the
+    same samples and takes the same stopping decisions as a single process would.
     """
     L = len(op.mods)
     rows: list[list[np.ndarray]] = [[] for _ in range(L)]
     ch_sum: list[np.ndarray | None] = [None] * L
     active = np.ones(L, dtype=bool)
-    bar = tqdm(total=max_probes, desc="Hutchinson probes", disable=not progress, leave=False)
+    bar = tqdm(total=max_probes, desc="Hutchinson probes",
+               disable=not progress or not dist.is_main(), leave=False)
     done = 0
     while done < max_probes and active.any():
         n = min(probe_batch, max_probes - done)
@@ -636,6 +703,21 @@ def check_probe_mode(probe_mode: str) -> None:
                           "layers) or 'layer' (one block product per layer per probe)")
 
 
+def _check_ranks_agree(params: Sequence[torch.Tensor], batches: Sequence[Batch],
+                       seed: int) -> None:
+    """Distributed runs: :class:`ConfigError` on every rank unless all ranks hold the same
+    seed, chunk sizes and layer weights (each layer's weight sum). Warns on rank 0 when some
+    ranks get no chunk. Cost: one read of the weights, three small all-reduces."""
+    sizes = [float(batch_len(b)) for b in batches]
+    sums = [float(p.detach().double().sum()) for p in params]
+    dist.check_same([float(seed), float(len(batches)), *sizes[:4096], *sums],
+                    "the seed, the data's chunk sizes or the layer weights")
+    if len(batches) < dist.world() and dist.is_main():
+        warnings.warn(f"{len(batches)} data chunk(s) for {dist.world()} ranks: ranks "
+                      f"{list(range(len(batches), dist.world()))} have no data and only wait; "
+                      "give batch_size <= samples / ranks", stacklevel=3)
+
+
 def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
             metric: str = "trace", layers: Sequence[str] | None = None, seed: int = 0,
             tol: float | None = None, max_probes: int = 200, min_probes: int = 4,
@@ -691,6 +773,15 @@ def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
     rebuilt chunks a round costs one pass per chunk); ``vectorized=True`` computes a round in
     one batched double-backward (``is_grads_batched``) — measured slower on CPU, so off by
     default; it falls back to one probe at a time where an op has no batching rule.
+
+    Distributed (under ``torchrun``, a process group initialised, see :mod:`hawq.base.dist`):
+    every rank passes the same model, data and seed; rank r takes chunks r, r+N, ... (so give
+    ``batch_size`` for at least N chunks), all ranks draw the same probes, and only per-layer
+    scalars are all-reduced per probe (traces, channel sums, activation traces); power
+    iteration all-reduces the block product H_ii v (layer i's weight count per iteration);
+    Fisher sums are all-reduced once. Every rank returns the same result as one process on the
+    same data and seed, to floating-point summation order; a rank that fails stops the others
+    with :class:`hawq.base.dist.RankFailedError` naming it. ``passes`` counts all ranks' builds.
     """
     if metric not in METRICS:
         raise ConfigError(f"metric={metric!r}: use one of {METRICS}")
@@ -707,51 +798,59 @@ def analyze(model: nn.Module, data: Any, criterion: Callable | None = None,
         from hawq.analysis.fisher import check_fisher_task
 
         check_fisher_task(task)
-    mods = select_layers(model, layers)
-    names = [n for n, _ in mods]
-    params = [layer_weight(m) for _, m in mods]
-    batches = data_chunks(data, batch_size, task)
-    task.check(model, iter(batches))
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    result = HessianResult(metric=metric)
-    if metric == "fisher":
-        from hawq.analysis.fisher import fisher_traces
+    with dist.guard():  # a rank that fails stops the others (hawq.base.dist)
+        mods = select_layers(model, layers)
+        names = [n for n, _ in mods]
+        params = [layer_weight(m) for _, m in mods]
+        batches = data_chunks(data, batch_size, task)
+        task.check(model, iter(batches))
+        if dist.is_distributed():
+            _check_ranks_agree(params, batches, seed)
+        gen = torch.Generator().manual_seed(seed)
+        t0 = time.perf_counter()
+        result = HessianResult(metric=metric)
+        if metric == "fisher":
+            from hawq.analysis.fisher import fisher_traces
 
-        with grad_setup(model, params, False), attention_safe(model):
-            tr = fisher_traces(model, mods, batches, task=task)
-        result.layers = [LayerHessian(n, p.numel(), float(t), float(t) / p.numel())
-                         for n, p, t in zip(names, params, tr)]
-        result.samples, result.passes = sum(batch_len(b) for b in batches), 1
+            with grad_setup(model, params, False), attention_safe(model):
+                tr = fisher_traces(model, mods, batches, task=task)
+            result.layers = [LayerHessian(n, p.numel(), float(t), float(t) / p.numel())
+                             for n, p, t in zip(names, params, tr)]
+            result.samples, result.passes = sum(batch_len(b) for b in batches), 1
+            result.seconds = time.perf_counter() - t0
+            return result
+        target = "activations" if metric == "activation" else "weights"
+        act = target == "activations"
+        with grad_setup(model, [] if act else params, act):
+            op = HessianOperator(model, mods, batches, criterion, target, max_graph_bytes,
+                                 task=None if criterion is not None else task)
+            if metric == "eigen":
+                vals = []
+                for i in tqdm(range(len(mods)), desc="power iteration",
+                              disable=not progress or not dist.is_main(), leave=False):
+                    if top_k > params[i].numel():
+                        raise ConfigError(f"top_k={top_k} exceeds the {params[i].numel()} "
+                                          f"weights of layer {names[i]!r}")
+                    v = power_iteration(op, i, gen, top_k, tol, max_iter)
+                    vals.append(v[0] if top_k == 1 else v)
+                result.layers = [LayerHessian(n, p.numel(), eigenvalue=v)
+                                 for n, p, v in zip(names, params, vals)]
+            else:
+                est = hutchinson(op, gen, tol, max_probes, min(min_probes, max_probes),
+                                 metric == "channel", probe_batch, vectorized, probe_mode,
+                                 progress)
+                sizes = (op.act_elems.tolist() if target == "activations"
+                         else [p.numel() for p in params])
+                chans = est.channels
+                result.layers = [
+                    LayerHessian(n, int(sz), float(t), float(t) / max(int(sz), 1),
+                                 None if math.isnan(s) else float(s),
+                                 channel_traces=None if chans is None else chans[i].tolist(),
+                                 probes=int(est.probes[i]))
+                    for i, (n, sz, t, s) in enumerate(zip(names, sizes, est.mean, est.stderr))]
+        passes = op.passes
+        if dist.is_distributed():  # graph builds of all ranks
+            passes = int(dist.all_reduce_sum(torch.tensor([passes], dtype=torch.int64))[0])
+        result.hvp_count, result.samples, result.passes = op.hvp_count, op.samples, passes
         result.seconds = time.perf_counter() - t0
         return result
-    target = "activations" if metric == "activation" else "weights"
-    with grad_setup(model, [] if target == "activations" else params, target == "activations"):
-        op = HessianOperator(model, mods, batches, criterion, target, max_graph_bytes,
-                             task=None if criterion is not None else task)
-        if metric == "eigen":
-            vals = []
-            for i in tqdm(range(len(mods)), desc="power iteration", disable=not progress,
-                          leave=False):
-                if top_k > params[i].numel():
-                    raise ConfigError(f"top_k={top_k} exceeds the {params[i].numel()} weights of "
-                                      f"layer {names[i]!r}")
-                v = power_iteration(op, i, gen, top_k, tol, max_iter)
-                vals.append(v[0] if top_k == 1 else v)
-            result.layers = [LayerHessian(n, p.numel(), eigenvalue=v)
-                             for n, p, v in zip(names, params, vals)]
-        else:
-            est = hutchinson(op, gen, tol, max_probes, min(min_probes, max_probes),
-                             metric == "channel", probe_batch, vectorized, probe_mode,
-                             progress)
-            sizes = (op.act_elems.tolist() if target == "activations"
-                     else [p.numel() for p in params])
-            result.layers = [
-                LayerHessian(n, int(sz), float(t), float(t) / max(int(sz), 1),
-                             None if math.isnan(s) else float(s),
-                             channel_traces=None if est.channels is None else est.channels[i].tolist(),
-                             probes=int(est.probes[i]))
-                for i, (n, sz, t, s) in enumerate(zip(names, sizes, est.mean, est.stderr))]
-    result.hvp_count, result.samples, result.passes = op.hvp_count, op.samples, op.passes
-    result.seconds = time.perf_counter() - t0
-    return result

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from hawq.analysis.hessian import analyze
 from hawq.maths.plan import QuantConfig
+from hawq.base import dist
 from hawq.base.registry import Registry
 from hawq.analysis.sensitivity import measured_loss_increase, omega_matrix, weight_errors
 from hawq.feed.tasks import Task, as_task
@@ -61,10 +62,12 @@ class SensitivityContext:
         return self._errors
 
     def hessian_data(self) -> Any:
-        """The first ``hessian_samples`` samples of ``calib`` as a list of batches."""
+        """The first ``hessian_samples`` samples of ``calib`` as a list of batches: one batch,
+        or under ``torchrun`` one per rank (each rank takes its own; :mod:`hawq.base.dist`)."""
         from hawq.feed.tasks import materialize
 
-        return materialize(self.calib, batch_size=self.hessian_samples, who="calibration data",
+        per_rank = -(-self.hessian_samples // dist.world())
+        return materialize(self.calib, batch_size=per_rank, who="calibration data",
                            limit=self.hessian_samples)
 
     def analyze(self, metric: str):

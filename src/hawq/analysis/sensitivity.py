@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from hawq.base import dist
 from hawq.base.errors import ConfigError, NumericalError
 from hawq.modules.passes import hooked, mean_task_loss, model_device, read_batches, run_batches
 from hawq.maths.plan import QuantConfig
@@ -94,7 +95,21 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
     cost is the one that remains after correction; one more forward pass gathers the layers'
     mean inputs. Cost: 1 + L*B' forward passes over ``data`` (L more with ``context``), where B' counts the
     integer bit widths. The model's weights are restored afterwards.
+
+    Distributed (:mod:`hawq.base.dist`): the layers are independent jobs, so rank r measures
+    layers r, r+N, ... on all of ``data`` (plus the base loss) and the (L, B) rows are summed
+    over ranks once; every rank returns the single-process array, bit for bit on CPU. Cost per
+    rank: 1 + ceil(L/N)*B' passes.
     """
+    with dist.guard():
+        return _measured_loss_increase(model, data, names, bits, config, batch_size, progress,
+                                       context, bias_correct, task)
+
+
+def _measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
+                            bits: Sequence[int], config: QuantConfig | None, batch_size: int,
+                            progress: bool, context: Sequence[int] | None, bias_correct: bool,
+                            task: Task | str | None) -> np.ndarray:
     config = config or QuantConfig()
     task = as_task(task)
     if task.reference is None:
@@ -122,9 +137,11 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
             for w, orig, b in zip(weights, originals, context):
                 w.data.copy_(fake_quantized_weight(orig, int(b), config))
         base = loss()
-        bar = tqdm(total=len(names) * len(bits), desc="single-layer losses", disable=not progress,
-                   leave=False)
-        for i, w in enumerate(weights):
+        mine = dist.shard(range(len(names)))  # every layer in a single process
+        bar = tqdm(total=len(mine) * len(bits), desc="single-layer losses",
+                   disable=not progress or not dist.is_main(), leave=False)
+        for i in mine:
+            w = weights[i]
             held = w.detach().clone()
             try:
                 if context is not None:
@@ -146,6 +163,8 @@ def measured_loss_increase(model: nn.Module, data: Any, names: Sequence[str],
         for w, orig in zip(weights, originals):
             w.data.copy_(orig)
         model.train(was_training)
+    if dist.is_distributed():  # each row was measured by one rank, zeros elsewhere
+        out = dist.all_reduce_sum(torch.from_numpy(out)).numpy()
     return out
 
 

@@ -144,6 +144,9 @@ class BitPlan:
                                   f"channel], 'a_bits': int}}, got {v!r}")
             return LayerSpec(**v)
 
+        if not isinstance(d["layers"], dict) or not all(isinstance(k, str) for k in d["layers"]):
+            raise ConfigError(f"a bit plan's 'layers' is an object (layer name -> {{'w_bits', "
+                              f"'a_bits'}}), got {type(d['layers']).__name__}")
         default = d.get("default")
         return cls({k: spec(v, k) for k, v in d["layers"].items()},
                    None if default is None else spec(default, "default"))

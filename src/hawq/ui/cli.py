@@ -28,8 +28,10 @@ from hawq.post.config import (CompressConfig, ZeroQConfig, a_calibration_names, 
                          arg_type, config_from_args, model_help, non_negative_float,
                          non_negative_int, positive_float, positive_int, probe_mode_names,
                          task_names, unit_float, w_clip_names)
+from hawq.base import dist
 from hawq.base.errors import ConfigError, DataError, HawqError
 from hawq.base.io import write_json
+from hawq.ui import launch
 from hawq.ui.loading import DEFAULT_TASK, settle_task
 
 __all__ = ["build_parser", "check_outputs", "main"]
@@ -49,12 +51,22 @@ def _version() -> str:
 
 # ----------------------------------------------------------------------------- common flags
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    """--json and --threads: how a command runs, not what it computes."""
+def _run_args(p: argparse.ArgumentParser, nproc: bool = False) -> None:
+    """--json, --threads, --device (and with ``nproc`` --nproc): how a command runs, not what
+    it computes."""
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                    help="also write the result as JSON to FILE")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads, >= 1 (default: torch's choice)")
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="where the model runs: cpu, cuda or cuda:N (default: cpu; under "
+                        "torchrun rank r uses cuda:r when CUDA is available)")
+    if nproc:
+        p.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                       help="run as N data-parallel processes on this machine (torchrun; gloo "
+                            "on CPU, NCCL on GPU): each takes a shard of the data, per-layer "
+                            "numbers are all-reduced, the result equals one process's; same as "
+                            "'torchrun --nproc-per-node N -m hawq ...'")
 
 
 def _model_args(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
@@ -77,10 +89,11 @@ def _model_args(p: argparse.ArgumentParser, model_default: str | None = "digits-
                    help="random seed (default: 0)")
 
 
-def _common(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
+def _common(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn",
+            nproc: bool = False) -> None:
     """The model flags and the run flags (``hawq export`` uses it too)."""
     _model_args(p, model_default)
-    _run_args(p)
+    _run_args(p, nproc)
 
 
 def _print_table(rows: list[list[Any]], header: list[str]) -> None:
@@ -155,8 +168,11 @@ def _inputs(model_name: str | None, data_dir: str | None, data_spec: str | None,
 
 
 def _args_inputs(args: argparse.Namespace, build: bool = True) -> _Inputs:
-    return _inputs(args.model, getattr(args, "data_dir", None), getattr(args, "data", None),
-                   getattr(args, "task", None), build)
+    inp = _inputs(args.model, getattr(args, "data_dir", None), getattr(args, "data", None),
+                  getattr(args, "task", None), build)
+    if getattr(args, "device", None) is not None and inp.model is not None:
+        inp.model.to(args.device)  # batches follow the model's device
+    return inp
 
 
 class _Batches:
@@ -399,13 +415,15 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
         from hawq.feed.data import load_dataset
 
         ds = load_dataset(inp.dataset, args.split, args.data_dir, n)
-        data, samples, batch_size = ds.tensors, len(ds), args.batch_size
+        data, samples = ds.tensors, len(ds)
+        batch_size = args.batch_size or (-(-len(ds) // dist.world()) if dist.world() > 1
+                                         else None)
     else:
         key, src = _pick(inp.data, *(("calib", "heldout", "test") if args.split == "train"
                                      else ("test", "heldout", "calib")))
         if src is None:
             raise ConfigError(f"model {inp.name!r} has no data: give --data 'pkg.module:factory'")
-        batches = _limited(src, n, f"{key} data", args.batch_size or n)
+        batches = _limited(src, n, f"{key} data", args.batch_size or -(-n // dist.world()))
         data, samples, batch_size = batches, batches.samples, None
     task = as_task(inp.task).bind(inp.model)
     res = analyze(inp.model, data, metric=args.metric, seed=args.seed, tol=args.tol,
@@ -431,7 +449,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config_from_args(CompressConfig, args)
     model, data, task = _job_inputs(cfg, args)
     res = compress(model, data, task=task, config=cfg, out_dir=args.out, progress=True,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, device=args.device)
     if args.out:
         from hawq.ui.report import record_command
 
@@ -539,6 +557,9 @@ def cmd_zeroq(args: argparse.Namespace) -> dict[str, Any]:
     from hawq.workflows.workflow import zeroq
 
     cfg = config_from_args(ZeroQConfig, args)
+    if args.device is not None and torch.device(args.device).type != "cpu":
+        raise ConfigError(f"--device {args.device}: 'hawq zeroq' runs on the CPU for now "
+                          "(distillation draws its inputs there); drop --device")
     model, data, task = _job_inputs(cfg, args)
     res = zeroq(model, data, task=task, config=cfg, out_dir=args.out, progress=True,
                 overwrite=args.overwrite)
@@ -598,8 +619,6 @@ def _add_finetune_args(p: argparse.ArgumentParser, epochs_flag: str = "--epochs"
                         "average (e.g. 4 = 8x activation compression); default: plan's a_bits")
     g.add_argument("--train-samples", type=positive_int, default=None,
                    help="limit the training samples (default: all)")
-    g.add_argument("--device", default="cpu",
-                   help="where to fine-tune: cpu (default), cuda or cuda:N")
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -751,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="per-layer Hessian traces / eigenvalues / channel, "
                        "activation or Fisher traces")
-    _common(p)
+    _common(p, nproc=True)
     p.add_argument("--metric", default="trace", choices=list(METRICS),
                    help="what to estimate (default: trace)")
     p.add_argument("--hessian-samples", type=positive_int, default=256,
@@ -773,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="the main job: analyse, allocate bits, quantize, evaluate")
     add_config_args(p, CompressConfig)
-    _run_args(p)
+    _run_args(p, nproc=True)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for plan, metrics, plots")
     p.add_argument("--overwrite", action="store_true",
@@ -812,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zeroq", help="ZeroQ: data-free mixed precision from distilled data")
     add_config_args(p, ZeroQConfig)
-    _run_args(p)
+    _run_args(p, nproc=True)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for plan, metrics, plots")
     p.add_argument("--overwrite", action="store_true",
@@ -827,6 +846,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(exc: BaseException | str) -> int:
     print(f"hawq: error: {_one_line(exc)}", file=sys.stderr)
     return 2
+
+
+def _quiet_rank(args: argparse.Namespace) -> None:
+    """A rank other than 0 under torchrun: no output files, no tables, no progress bars."""
+    for key in ("out", "json_out", "plot", "onnx"):
+        if getattr(args, key, None) is not None:
+            setattr(args, key, None)
+    os.environ["TQDM_DISABLE"] = "1"
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -846,6 +874,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         try:
+            rc = launch.maybe_relaunch(getattr(args, "nproc", None), argv)
+            if rc is not None:  # this process started the ranks and waited for them
+                return rc
+            args.device = launch.setup(getattr(args, "device", None))
+            if not dist.is_main():  # rank 0 prints and writes; the others compute
+                _quiet_rank(args)
             _check_counts(args)
             check_outputs(args)
             if getattr(args, "threads", None) is not None:

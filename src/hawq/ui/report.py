@@ -82,7 +82,9 @@ def _read_json(path: Path, problems: list[str]) -> Any:
 
 
 def load_run(run_dir: str | os.PathLike) -> RunData:
-    """Read a run directory. Raises DataError only when ``run_dir`` is not a directory."""
+    """Read a run directory. Raises DataError when ``run_dir`` is not a directory or holds no
+    readable run (none of metrics.json, plan.json, finetune/finetune.json); other unreadable
+    files are listed in ``problems`` (the report shows them)."""
     d = Path(run_dir)
     if not d.is_dir():
         raise DataError(f"run directory {str(d)!r} does not exist: give the --out folder of "
@@ -105,6 +107,10 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
                 run.images[name] = data
             else:
                 p.append(f"{name}: not a PNG")
+    if run.metrics is None and run.plan is None and run.finetune is None:
+        why = "; ".join(p) if p else "no metrics.json, plan.json or finetune/finetune.json"
+        raise DataError(f"run directory {str(d)!r} holds no readable hawq run ({why}): give the "
+                        "--out folder of 'hawq compress' or 'hawq zeroq'")
     return run
 
 

@@ -27,6 +27,7 @@ from hawq.modules.accounting import budget_report, count_params
 from hawq.post.biascorr import quantize_calibrate_
 from hawq.post.config import CHANNELWISE_ALLOCATORS, CompressConfig, ZeroQConfig
 from hawq.feed.data import load_dataset
+from hawq.base import dist
 from hawq.base.errors import ConfigError, DataError
 from hawq.modules.evaluate import EvalResult, evaluate
 from hawq.base.io import atomic_write_bytes, write_json
@@ -133,13 +134,13 @@ def example_batch(data: Any) -> Any:
 
 def setup(model: nn.Module | None, data: Any, task: Any, cfg: Any, *, extra: int = 0,
           quant: QuantConfig | None = None, evaluate_fp32: bool = True,
-          progress: bool = False) -> Setup:
+          progress: bool = False, device: str | torch.device | None = None) -> Setup:
     """The shared first step: load a built-in model (``model`` None: ``cfg.model`` by name, its
     dataset split into calibration, ``extra`` held-out and test samples) or take the user's
     ``model`` and ``data`` (:class:`Splits` or what :meth:`Splits.of` reads); bind the task to
     the float model, check that the data fits the task (a :class:`DataError` naming the task and
     the batch form it expects), list the quantizable layers, evaluate FP32 on the test data.
-    Cost: one forward on one sample, plus one pass over the test data when ``evaluate_fp32``."""
+    ``device``: move the model there first (batches follow the model's device). Cost: one forward on one sample, plus one pass over the test data when ``evaluate_fp32``."""
     t0 = time.perf_counter()
     if model is None:
         if data is not None:
@@ -159,6 +160,8 @@ def setup(model: nn.Module | None, data: Any, task: Any, cfg: Any, *, extra: int
         name = getattr(cfg, "model", None) or type(model).__name__
         if ":" not in name:  # a built-in name says nothing about the user's object
             name = type(model).__name__
+    if device is not None:
+        model.to(device)
     tk = as_task(task if task is not None else getattr(cfg, "task", None))
     model.eval()
     tk = tk.bind(model)
@@ -578,7 +581,8 @@ def _job(model: Any, cls: type, config: Any, overrides: dict[str, Any]) -> tuple
 def compress(model: nn.Module | CompressConfig | None = None, data: Any = None, *,
              task: Task | str | Callable | None = None, config: CompressConfig | None = None,
              out_dir: str | Path | None = None, progress: bool = False,
-             overwrite: bool = False, **overrides: Any) -> CompressResult:
+             overwrite: bool = False, device: str | torch.device | None = None,
+             **overrides: Any) -> CompressResult:
     """Mixed-precision compression of ``model`` (yours, quantized in place) on ``data`` judged
     by ``task``; or, with ``model`` None, of the built-in ``config.model`` on its own data.
 
@@ -593,23 +597,30 @@ def compress(model: nn.Module | CompressConfig | None = None, data: Any = None, 
     Given ``out_dir``: plan.json, metrics.json, sensitivity.json, frontier.png, layers.png and
     run.json; the folder is claimed before any work (:func:`claim_run_dir`): a ConfigError when
     it holds another run's files, unless ``overwrite`` (which clears only those, and says so
-    in ``warnings``).
+    in ``warnings``). ``device``: where the model runs (default: where it is; built-in models
+    load on the CPU). Under ``torchrun`` (a :mod:`torch.distributed` process group) the
+    Hessian, Fisher and measured-loss work is data parallel across the ranks
+    (:mod:`hawq.base.dist`), every rank returns the same result and only rank 0 writes
+    ``out_dir``.
     Cost: the FP32 and quantized passes over the test data, the sensitivity's cost
     (:func:`hawq.analysis.sensitivities.sensitivity_costs`), refinement for low-bit hybrid plans, one
     calibration pass, and with ``compare_uniform`` one more calibration + test pass.
     """
     model, cfg = _job(model, CompressConfig, config, overrides)
+    if not dist.is_main():
+        out_dir = None  # rank 0 writes
     return _owned_run(out_dir, "compress", overwrite, lambda run_id, cleared: _compress(
-        model, data, task, cfg, out_dir, progress, run_id, cleared))
+        model, data, task, cfg, out_dir, progress, run_id, cleared, device))
 
 
-def _compress(model, data, task, cfg: CompressConfig, out_dir, progress, run_id, cleared
-              ) -> CompressResult:
+def _compress(model, data, task, cfg: CompressConfig, out_dir, progress, run_id, cleared,
+              device=None) -> CompressResult:
     if cfg.allocator in CHANNELWISE_ALLOCATORS:
-        return _compress_channelwise(model, data, task, cfg, out_dir, progress, run_id, cleared)
+        return _compress_channelwise(model, data, task, cfg, out_dir, progress, run_id, cleared,
+                                     device)
     extra = cfg.refine_samples if refine_wanted(cfg) else 0
     st = setup(model, data, task, cfg, extra=extra, quant=QuantConfig(w_clip=cfg.w_clip),
-               progress=progress)
+               progress=progress, device=device)
     if cfg.refine is True and st.splits.heldout is None:
         raise DataError("refine=True needs held-out data: give data={'calib': ..., 'heldout': "
                         "...} (built-in models: lower calib_samples so training samples are left)")
@@ -623,7 +634,7 @@ def _compress(model, data, task, cfg: CompressConfig, out_dir, progress, run_id,
 
 
 def _compress_channelwise(model, data, task, cfg: CompressConfig, out_dir, progress,
-                          run_id=None, cleared=None):
+                          run_id=None, cleared=None, device=None):
     """``method=cw-hawq|cw-hessian``: channel traces, channel-wise plan (DDPG ratios on a
     held-out split, reward from the task metric; or trace-sorted channel groups)."""
     from hawq.analysis.channelwise import (ChannelAllocator, ChannelLayer, ChannelRewardModel,
@@ -639,7 +650,7 @@ def _compress_channelwise(model, data, task, cfg: CompressConfig, out_dir, progr
                           " target_avg_bits, target_bytes, target_fraction)")
     extra = cfg.reward_samples if cfg.allocator == "cw-ddpg" else 0
     st = setup(model, data, task, cfg, extra=extra, quant=QuantConfig(w_clip=cfg.w_clip),
-               progress=progress)
+               progress=progress, device=device)
     if cfg.allocator == "cw-ddpg" and st.splits.heldout is None:
         raise DataError("method cw-hawq needs held-out data for its reward: give data={'calib': "
                         "..., 'heldout': ...} (built-in models: lower calib_samples/"
@@ -710,6 +721,8 @@ def zeroq(model: nn.Module | ZeroQConfig | None = None, data: Any = None, *,
     test passes when ``evaluate``.
     """
     model, cfg = _job(model, ZeroQConfig, config, overrides)
+    if not dist.is_main():
+        out_dir = None  # rank 0 writes
     return _owned_run(out_dir, "zeroq", overwrite, lambda run_id, cleared: _zeroq(
         model, data, task, cfg, out_dir, progress, run_id, cleared))
 
