@@ -23,6 +23,7 @@ from hawq.base.errors import ConfigError, DataError
 from hawq.base.registry import Registry
 
 __all__ = ["MODELS", "REGISTRY", "BasicBlock", "CifarResNet", "DigitsCNN", "ModelSpec",
+           "import_user_file",
            "build_model", "get_spec", "register_model", "train_digits_cnn"]
 
 
@@ -209,11 +210,16 @@ register_model(ModelSpec("digits-cnn", "digits", (1, 8, 8), _digits))
 REGISTRY = MODELS
 
 
-def _import_file(path: Path):
-    """The module of the Python file ``path`` (the one :mod:`hawq.ui.loading` imported for the
-    same file when it did, else imported now under the same name)."""
+def import_user_file(path: str | os.PathLike):
+    """The module of the Python file ``path`` that the user named (``path/to/file.py:factory``
+    on the command line or in code), imported once per file under a private module name with the
+    file's folder on ``sys.path`` while it runs (so it can import its neighbours); later calls
+    return the same module. Raises FileNotFoundError when there is no such file, ImportError when
+    it is not a Python file, and whatever running the file raises (nothing is left registered
+    then). Cost: running the file once."""
     import importlib.util
 
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no file {str(path)!r}")
     key = f"hawq_user_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
@@ -224,6 +230,9 @@ def _import_file(path: Path):
         raise ImportError(f"{str(path)!r} is not an importable Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[key] = module
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:  # its imports of neighbours, also inside factories called later
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except BaseException:
@@ -240,7 +249,7 @@ def _user_spec(name: str) -> ModelSpec:
         sys.path.insert(0, os.getcwd())  # as `python -m` does
     try:
         if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
-            module = _import_file(Path(mod_name).expanduser())
+            module = import_user_file(mod_name)
         else:
             module = importlib.import_module(mod_name)
         factory = module

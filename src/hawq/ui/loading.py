@@ -9,7 +9,6 @@ A spec is ``"package.module:attr"`` (imported with the current folder on ``sys.p
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import os
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 import torch.nn as nn
 
 from hawq.base.errors import ConfigError, HawqError
+from hawq.modules.models import import_user_file
 
 __all__ = ["DATA_KEYS", "DEFAULT_TASK", "SETUP_KEYS", "Setup", "call_factory", "load_object",
            "load_setup", "resolve_object", "settle_task", "unpack_data", "unpack_setup"]
@@ -53,25 +53,11 @@ def _import_file(path_text: str, what: str, spec: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {spec!r}: file {str(path)!r} does not exist (relative paths "
                           f"start at the current folder {os.getcwd()!r})")
-    name = f"hawq_user_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
-    if name in sys.modules:
-        return sys.modules[name]
-    mspec = importlib.util.spec_from_file_location(name, path)
-    if mspec is None or mspec.loader is None:
-        raise ConfigError(f"{what} {spec!r}: {str(path)!r} is not an importable Python file")
-    module = importlib.util.module_from_spec(mspec)
-    sys.modules[name] = module
-    folder = str(path.resolve().parent)
-    added = folder not in sys.path
-    if added:  # the file's own imports of its neighbours
-        sys.path.insert(0, folder)
     try:
-        mspec.loader.exec_module(module)
-    except Exception as e:
-        sys.modules.pop(name, None)
+        return import_user_file(path)
+    except Exception as e:  # noqa: BLE001 - the user's file: its failure is theirs to fix
         raise ConfigError(f"{what} {spec!r}: running {str(path)!r} raised {type(e).__name__}: "
                           f"{e}") from e
-    return module
 
 
 def _import_module(module: str, what: str, spec: str) -> Any:
