@@ -273,6 +273,30 @@ _BUDGET = "budget (give one size target; BOPs/latency limits need --allocator il
 _MODEL = "model, data and task"
 
 
+#: The budget fields CompressConfig and ZeroQConfig share, defined once (:func:`_budget`).
+_BUDGET_FIELDS: dict[str, dict[str, Any]] = {  # name -> _f(**spec)
+    "bits": dict(default=(2, 4, 8), help="candidate weight bit widths"),
+    "a_bits": dict(default=8, help="activation bits"),
+    "target_avg_bits": dict(help="average weight bits", check="avg-bits"),
+    "target_bytes": dict(help="quantized weight bytes", check="positive"),
+    "target_fraction": dict(help="r in [0, 1] between all-lowest and all-highest bits (HAWQ-V3)",
+                            check="unit"),
+    "bops_limit": dict(help="BOPs limit in G (MACs x w_bits x a_bits)", flag="--bops",
+                       metavar="G", check="positive"),
+    "latency_table": dict(help="JSON {layer: {bits: latency}} for --latency-limit",
+                          metavar="FILE"),
+    "latency_limit": dict(help="total latency limit (needs --latency-table)", check="positive"),
+    "pin_first_last": dict(help="keep the first and last layer at BITS (one of --bits)",
+                           metavar="BITS"),
+}
+
+
+def _budget(name: str) -> Any:
+    """A fresh dataclass field for the shared budget field ``name`` (default None)."""
+    spec = dict(_BUDGET_FIELDS[name])
+    return _f(spec.pop("default", None), spec.pop("help"), group=_BUDGET, **spec)
+
+
 # ----------------------------------------------------------------------------- compress
 
 @dataclass
@@ -301,25 +325,18 @@ class CompressConfig:
                           choices=sensitivity_names, group="method")
     allocator: str = _f("ilp", "how bits are chosen from Omega under the budget",
                         choices=allocator_names, group="method")
-    bits: tuple[int, ...] = _f((2, 4, 8), "candidate weight bit widths", group=_BUDGET)
-    a_bits: int = _f(8, "activation bits", group=_BUDGET)
+    bits: tuple[int, ...] = _budget("bits")
+    a_bits: int = _budget("a_bits")
     target_compression: float | None = _f(None, "weight compression vs FP32 (e.g. 8 = average "
                                           "4 bits); 8 when no target or limit is given",
                                           group=_BUDGET, check="compression")
-    target_avg_bits: float | None = _f(None, "average weight bits", group=_BUDGET,
-                                       check="avg-bits")
-    target_bytes: float | None = _f(None, "quantized weight bytes", group=_BUDGET,
-                                    check="positive")
-    target_fraction: float | None = _f(None, "r in [0, 1] between all-lowest and all-highest "
-                                       "bits (HAWQ-V3)", group=_BUDGET, check="unit")
-    bops_limit: float | None = _f(None, "BOPs limit in G (MACs x w_bits x a_bits)",
-                                  flag="--bops", group=_BUDGET, metavar="G", check="positive")
-    latency_table: str | None = _f(None, "JSON {layer: {bits: latency}} for --latency-limit",
-                                   group=_BUDGET, metavar="FILE")
-    latency_limit: float | None = _f(None, "total latency limit (needs --latency-table)",
-                                     group=_BUDGET, check="positive")
-    pin_first_last: int | None = _f(None, "keep the first and last layer at BITS (one of "
-                                    "--bits)", group=_BUDGET, metavar="BITS")
+    target_avg_bits: float | None = _budget("target_avg_bits")
+    target_bytes: float | None = _budget("target_bytes")
+    target_fraction: float | None = _budget("target_fraction")
+    bops_limit: float | None = _budget("bops_limit")
+    latency_table: str | None = _budget("latency_table")
+    latency_limit: float | None = _budget("latency_limit")
+    pin_first_last: int | None = _budget("pin_first_last")
     hessian_samples: int = _f(256, "samples for the Hessian (the first of the calibration data)",
                               aliases=("--samples",), group="sensitivity", check="positive")
     max_probes: int = _f(50, "Hutchinson probes at most", group="sensitivity", check="positive")
@@ -436,27 +453,20 @@ class ZeroQConfig:
     data_dir: str | None = _f(None, "folder with cifar10.npz and resnet*_cifar10.pt for the "
                               "built-in models (default: $HAWQ_DATA, else ../shared/data)",
                               group=_MODEL, metavar="DIR")
-    bits: tuple[int, ...] = _f((2, 4, 8), "candidate weight bit widths", group=_BUDGET)
-    a_bits: int = _f(8, "activation bits", group=_BUDGET)
+    bits: tuple[int, ...] = _budget("bits")
+    a_bits: int = _budget("a_bits")
     w_bits: int | None = _f(None, "uniform weight bits instead of a mixed-precision budget",
                             group=_BUDGET)
     target_compression: float | None = _f(None, "weight compression vs FP32 (e.g. 8 = average "
                                           "4 bits); 8 when no target, --w-bits or limit is "
                                           "given", group=_BUDGET, check="compression")
-    target_avg_bits: float | None = _f(None, "average weight bits", group=_BUDGET,
-                                       check="avg-bits")
-    target_bytes: float | None = _f(None, "quantized weight bytes", group=_BUDGET,
-                                    check="positive")
-    target_fraction: float | None = _f(None, "r in [0, 1] between all-lowest and all-highest "
-                                       "bits (HAWQ-V3)", group=_BUDGET, check="unit")
-    bops_limit: float | None = _f(None, "BOPs limit in G (MACs x w_bits x a_bits)",
-                                  flag="--bops", group=_BUDGET, metavar="G", check="positive")
-    latency_table: str | None = _f(None, "JSON {layer: {bits: latency}} for --latency-limit",
-                                   group=_BUDGET, metavar="FILE")
-    latency_limit: float | None = _f(None, "total latency limit (needs --latency-table)",
-                                     group=_BUDGET, check="positive")
-    pin_first_last: int | None = _f(None, "keep the first and last layer at BITS (one of "
-                                    "--bits)", group=_BUDGET, metavar="BITS")
+    target_avg_bits: float | None = _budget("target_avg_bits")
+    target_bytes: float | None = _budget("target_bytes")
+    target_fraction: float | None = _budget("target_fraction")
+    bops_limit: float | None = _budget("bops_limit")
+    latency_table: str | None = _budget("latency_table")
+    latency_limit: float | None = _budget("latency_limit")
+    pin_first_last: int | None = _budget("pin_first_last")
     sensitivity: str = _f("kl", "kl (ZeroQ: KL of the outputs) or hessian (HAWQ-V2 trace on "
                           "the distilled data)", choices=lambda: list(ZEROQ_SENSITIVITIES),
                           group="method")
