@@ -16,8 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hawq
-from hawq.post.config import CompressConfig
+import usermods
+from usermods import Encoder, LossDictNet, TinyLM, TinyMobileNet
 from hawq.base.errors import DataError
+from hawq.post.config import CompressConfig
 from hawq.post.export import load_quantized, roundtrip_equal, save_quantized
 from hawq.ui.report import write_report
 from hawq.workflows.workflow import compress
@@ -26,69 +28,11 @@ FAST = dict(target_compression=8, bits=(2, 4, 8), hessian_samples=32, max_probes
             calib_samples=32, refine_samples=32, refine_candidates=4)
 
 
-class TinyMobileNet(nn.Module):
-    def __init__(self, classes: int = 4):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
-        self.pw = nn.Conv2d(8, 16, 1)
-        self.fc = nn.Linear(16, classes)
-
-    def forward(self, x):
-        x = F.gelu(self.bn(self.stem(x)))
-        x = F.gelu(self.pw(self.dw(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-class TokenClassifier(nn.Module):
-    def __init__(self, vocab: int = 30, d: int = 16, classes: int = 3):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, ids):
-        return self.head(self.enc(self.emb(ids)).mean(1))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int = 24, d: int = 16):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.mix = nn.Linear(d, d)
-        self.out = nn.Linear(d, vocab)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.emb(input_ids)
-        h = h + torch.tanh(self.mix(torch.cumsum(h, 1) / torch.arange(1, h.shape[1] + 1)[:, None]))
-        return self.out(h)
-
-
-class Encoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(12, 24)
-        self.b = nn.Linear(24, 8)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-class LossDictNet(nn.Module):
-    """Detection-style: returns a dict of losses when called with targets."""
+class TokenClassifier(usermods.TokenClassifier):
+    """The user module's token classifier with two encoder blocks."""
 
     def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(10, 16)
-        self.cls = nn.Linear(16, 3)
-        self.box = nn.Linear(16, 4)
-
-    def forward(self, x, targets):
-        h = torch.relu(self.body(x))
-        return {"loss_cls": F.cross_entropy(self.cls(h), targets["labels"]),
-                "loss_box": F.smooth_l1_loss(self.box(h), targets["boxes"])}
+        super().__init__(layers=2)
 
 
 def _check_run(out, model, example, res):
@@ -130,23 +74,11 @@ def roundtrip_equal_any(model, loaded, example):
     return torch.equal(a, b)
 
 
-def _separable_images(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 3, 16, 16, generator=g) * 0.5
-    x[:, 0] += (y[:, None, None] - 1.5) * 0.8
-    return x, y
+_separable_images = usermods.images_of
 
 
 def _train(model, batches, loss_fn, steps=60, lr=0.02):
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for i in range(steps):
-        b = batches[i % len(batches)]
-        opt.zero_grad()
-        loss_fn(model, b).backward()
-        opt.step()
-    return model.eval()
+    return usermods.train(model, batches, loss_fn, steps=steps, lr=lr)
 
 
 def test_mobilenet_like_cnn(tmp_path):
