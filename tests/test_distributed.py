@@ -6,8 +6,9 @@ worker module (``python -m test_distributed <out> <mode>``, 1 thread each). Ever
 what it computed to ``rank<r>.json``; the test compares both ranks with the same computation
 done here in one process (no process group): per-layer traces (joint and per-layer probes with
 tol-based stopping, channel traces, activation traces), eigenvalues, Fisher traces, measured
-single-layer losses and the allocated plans. The data have 5 uneven chunks (6, 6, 6, 6, 2
-samples), so rank 0 holds 14 samples and rank 1 12: a wrong sample weighting shows.
+single-layer losses, ZeroQ's KL sensitivities and the allocated plans. The data have 5 uneven
+chunks (6, 6, 6, 6, 2 samples), so rank 0 holds 14 samples and rank 1 12: a wrong sample
+weighting shows.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def compute(out: Path | None = None, stop_after: str | None = None) -> dict:
     params = [lh["params"] for lh in res["joint"]["layers"]]
     measured = measured_loss_increase(model, (x, y), names, BITS, batch_size=BATCH)
     res["measured"] = measured.tolist()
+    from hawq.analysis.zeroq import kl_sensitivity
+
+    res["kl"] = kl_sensitivity(model, x, names, BITS, batch_size=BATCH).tolist()
     omega = omega_matrix([lh["avg_trace"] for lh in res["layer"]["layers"]],
                          weight_errors(model, names, BITS))
     res["plan_v2"] = allocate(omega, params, BITS, Budget("compression", 6)).choices
@@ -175,6 +179,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, single):
             assert have.pop("passes") == passes, (r, name)
             _close(want, have, f"rank {r} {name}")
         _close(single["measured"], got["measured"], f"rank {r} measured", atol=1e-7)
+        _close(single["kl"], got["kl"], f"rank {r} ZeroQ KL", atol=1e-9)
         assert got["plan_v2"] == single["plan_v2"]
         assert got["plan_measured"] == single["plan_measured"]
     # the tol rule stopped early, identically on every rank and layer by layer in layer mode

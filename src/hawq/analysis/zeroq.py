@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hawq.base import dist
 from hawq.base.errors import ConfigError, NumericalError
 from hawq.maths.plan import QuantConfig
 from hawq.maths.quantizers import check_bits, fake_quantize, weight_qparams
@@ -107,9 +108,21 @@ def kl_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None = None,
     ``vectorize=False``). ``vectorize`` runs a layer's B variants as one ``torch.func.vmap``
     call, falling back to a loop when an op has no batching rule. Values below 0 (rounding) are
     clamped to 0. Model in eval mode, weights untouched. Cost: 1 + L*B forward passes over ``x``.
+    Distributed (:mod:`hawq.base.dist`): the layers are independent jobs, rank r takes layers
+    r, r+N, ... on all of ``x`` and the (L, B) rows are summed over ranks once (every rank
+    returns the single-process array; a rank that fails stops the others naming it): 1 +
+    ceil(L/N)*B passes per rank.
     Raises :class:`ConfigError` for unknown layers or empty ``x``, :class:`NumericalError` for a
     NaN/inf result.
     """
+    with dist.guard():
+        return _kl_sensitivity(model, x, names, bits, config, batch_size, vectorize, progress,
+                               task)
+
+
+def _kl_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None, bits: Sequence[int],
+                    config: QuantConfig | None, batch_size: int, vectorize: bool, progress: bool,
+                    task: Task | str | None) -> np.ndarray:
     config = config or QuantConfig()
     task = as_task(task)
     bits = [check_bits(b, "bits", symmetric=config.w_symmetric) for b in bits]
@@ -137,8 +150,11 @@ def kl_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None = None,
         with torch.no_grad():
             ref_out = [fed(c) for c in chunks]
             ref = [_log_probs(o, tokens) for o in ref_out] if logits else ref_out
-            bar = tqdm(names, desc="KL sensitivity", disable=not progress, leave=False)
-            for i, name in enumerate(bar):
+            mine = dist.shard(range(len(names)))  # every layer in a single process
+            bar = tqdm(mine, desc="KL sensitivity", disable=not progress or not dist.is_main(),
+                       leave=False)
+            for i in bar:
+                name = names[i]
                 key = f"model.{name}.weight"
                 wq = _quantized_weights(mods[name].weight, bits, config)
                 total = torch.zeros(len(bits), dtype=torch.float64)
@@ -163,6 +179,8 @@ def kl_sensitivity(model: nn.Module, x: Any, names: Sequence[str] | None = None,
                 out[i] = (total / samples).numpy()
     finally:
         model.train(was_training)
+    if dist.is_distributed():  # each row was measured by one rank, zeros elsewhere
+        out = dist.all_reduce_sum(torch.from_numpy(out)).numpy()
     if not np.all(np.isfinite(out)):
         raise NumericalError("a KL sensitivity is NaN/inf: check the inputs (distilled data) and "
                              "the model's outputs")
