@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hawq.base import dist
 from hawq.maths.budgets import Budget, fits, size_limit_bits
 from hawq.base.errors import BudgetError, ConfigError
 from hawq.maths.plan import BitPlan, LayerSpec, QuantConfig
@@ -347,6 +348,15 @@ class ChannelRewardModel:
     The classification task on in-memory (inputs, labels) gives the same numbers as before
     tasks existed. :meth:`restore` puts the FP32 weights back. Cost per call: one forward over
     ``data``; memory: the quantized weight stacks, ``data`` and (``"kl"``) the FP32 outputs.
+
+    Distributed (:mod:`hawq.base.dist`, every rank building it with the same model and data):
+    rank r keeps and runs batches r, r+N, ... of ``data`` (every rank reads all of it once), and
+    each call ends with one all-reduce that gives every rank the single-process reward
+    exactly: the per-batch sums (2 numbers a batch) for a task, the output rows (samples x
+    classes numbers) for the classifier on tensors, whose whole-tensor formulas need them all.
+    Per rank and call: ceil(batches / N) batch forwards (so give at least N batches: a rank
+    without one waits). Calls (and the constructor) run inside :func:`hawq.base.dist.guard`:
+    a rank that fails stops the others naming it.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], bits: Sequence[int],
@@ -378,22 +388,27 @@ class ChannelRewardModel:
         # the classifier on (inputs, labels) tensors keeps its whole-tensor formulas
         self.pair = _plain_pair(task, data)
         source = self.pair if self.pair is not None else data
-        self.batches = [batch_to(b, device)
-                        for b in iter_batches(source, batch_size, "reward data")]
-        self.samples = sum(batch_len(b) for b in self.batches)
+        every = list(iter_batches(source, batch_size, "reward data"))
+        sizes = [batch_len(b) for b in every]
+        self.samples = sum(sizes)
+        self.n_batches = len(every)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # rows of batch k
+        self.slots = dist.shard(range(len(every)))   # this rank's batches (all in one process)
+        self.batches = [batch_to(every[k], device) for k in self.slots]
         if self.pair is not None:
             self.y = self.pair[1].to(device)
         self.ref: torch.Tensor | None = None
         self.ref_outs: list[Any] | None = None
         if metric == "kl":
-            if self.pair is not None:
-                self.ref = self._logits().log_softmax(-1)
-            else:
-                self.ref_outs = self._outputs()
+            with dist.guard():
+                if self.pair is not None:
+                    self.ref = self._logits().log_softmax(-1)
+                else:
+                    self.ref_outs = self._outputs()
 
     @torch.no_grad()
     def _outputs(self) -> list[Any]:
-        """The model's output on every batch (eval mode, restored)."""
+        """The model's output on every batch of this rank (eval mode, restored)."""
         was = self.model.training
         self.model.eval()
         try:
@@ -403,7 +418,45 @@ class ChannelRewardModel:
 
     @torch.no_grad()
     def _logits(self) -> torch.Tensor:
-        return torch.cat(self._outputs())
+        return self._rows(self._outputs())
+
+    def _rows(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """All samples' output rows in data order: this rank's batches' rows, the others' by one
+        all-reduce of a zero-filled (samples, ...) tensor (exact: each row has one source)."""
+        if not dist.is_distributed():
+            return torch.cat(outs)
+        if outs:
+            like = outs[0]
+        else:  # a rank without batches: one sample's output gives the row shape and dtype
+            was = self.model.training
+            self.model.eval()
+            try:
+                like = self.task.forward(self.model, (self.pair[0][:1].to(self.y.device),
+                                                      self.y[:1]))
+            finally:
+                self.model.train(was)
+        full = like.new_zeros((self.samples, *like.shape[1:]))
+        for k, o in zip(self.slots, outs):
+            full[int(self.offsets[k]):int(self.offsets[k + 1])] = o
+        return dist.all_reduce_sum(full)
+
+    def _batch_sums(self, outs: list[Any]) -> list[list[float]]:
+        """Per batch of the whole data, in order: (divergence, 0), (loss x samples, 0) or the
+        task's metric sums (sum, count); this rank's batches computed here, the others' by one
+        all-reduce of a zero-filled (batches, 2) float64 tensor (exact: one source a row)."""
+        from hawq.feed.tasks import batch_len
+
+        sums = torch.zeros(self.n_batches, 2, dtype=torch.float64)
+        refs = self.ref_outs if self.ref_outs is not None else [None] * len(outs)
+        for k, o, r, b in zip(self.slots, outs, refs, self.batches):
+            if self.metric == "kl":
+                sums[k, 0] = float(self.task.divergence(o, r, b))
+            elif self.metric == "loss":
+                sums[k, 0] = float(self.task.loss(o, b)) * batch_len(b)
+            else:
+                s_, c_ = self.task.metric_sums(o, b)
+                sums[k, 0], sums[k, 1] = float(s_), int(c_)
+        return dist.all_reduce_sum(sums).tolist()
 
     @torch.no_grad()
     def set_bits(self, channel_bits: Sequence[Sequence[int]]) -> None:
@@ -420,9 +473,11 @@ class ChannelRewardModel:
     @torch.no_grad()
     def __call__(self, channel_bits: Sequence[Sequence[int]]) -> float:
         """Reward of a plan given as per-channel bit lists (higher is better; NaN when the
-        quantized model's outputs are)."""
-        from hawq.feed.tasks import batch_len
+        quantized model's outputs are). The same on every rank (see the class)."""
+        with dist.guard():
+            return self._reward(channel_bits)
 
+    def _reward(self, channel_bits: Sequence[Sequence[int]]) -> float:
         self.set_bits(channel_bits)
         try:
             outs = self._outputs()
@@ -430,7 +485,7 @@ class ChannelRewardModel:
             self.restore()
         task = self.task
         if self.pair is not None:  # classification on tensors: the formulas of old, exactly
-            logits = torch.cat(outs)
+            logits = self._rows(outs)
             if self.metric == "accuracy" or self.metric == "metric":
                 value = float((logits.argmax(-1) == self.y).float().mean())
             elif self.metric == "loss":
@@ -438,19 +493,16 @@ class ChannelRewardModel:
             else:
                 lq = logits.log_softmax(-1)
                 value = -float((self.ref.exp() * (self.ref - lq)).sum(-1).mean())
-        elif self.metric == "kl":
-            value = -sum(float(task.divergence(o, r, b))
-                         for o, r, b in zip(outs, self.ref_outs, self.batches)) / self.samples
-        elif self.metric == "loss":
-            value = -sum(float(task.loss(o, b)) * batch_len(b)
-                         for o, b in zip(outs, self.batches)) / self.samples
-        else:
-            total, count = 0.0, 0
-            for o, b in zip(outs, self.batches):
-                s_, c_ = task.metric_sums(o, b)
-                total, count = total + float(s_), count + int(c_)
-            value = float(task.finish_metric(total, count))
-            value = value if task.higher_is_better else -value
+        else:  # summed batch by batch in data order, as in one process
+            sums = self._batch_sums(outs)
+            if self.metric in ("kl", "loss"):
+                value = -sum(s_ for s_, _ in sums) / self.samples
+            else:
+                total, count = 0.0, 0
+                for s_, c_ in sums:
+                    total, count = total + s_, count + int(c_)
+                value = float(task.finish_metric(total, count))
+                value = value if task.higher_is_better else -value
         return value
 
 

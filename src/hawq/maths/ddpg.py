@@ -15,6 +15,11 @@ truncated normal on [0, 1] whose width decays per episode (:func:`truncated_norm
 networks updated softly (``tau``). Reproducible: networks are initialised from ``seed`` inside
 ``torch.random.fork_rng`` (the global RNG is untouched), noise and minibatches come from a
 ``numpy.random.Generator``. ``time_budget`` stops early (then the result depends on speed).
+
+Distributed (:mod:`hawq.base.dist`): every rank runs the same agent from the same seed, so all
+ranks draw the same random numbers; the reward must return the same number on every rank (e.g.
+:class:`hawq.analysis.channelwise.ChannelRewardModel`, which splits its held-out data over the
+ranks and all-reduces its sums), and then every rank follows the same trajectory.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch.nn as nn
 from scipy.special import ndtr, ndtri
 from tqdm.auto import tqdm
 
+from hawq.base import dist
 from hawq.base.errors import ConfigError, NumericalError
 
 __all__ = ["Actor", "Critic", "DDPGAgent", "DDPGConfig", "DDPGResult", "ReplayBuffer",
@@ -246,7 +252,22 @@ def ddpg_search(features: np.ndarray, n_bits: int, reward: Callable[[Any], float
     The previous layer's action is always appended to the state.
     Cost: ``episodes`` calls of ``make_plan`` and ``reward`` plus ``updates`` (default L)
     minibatch gradient steps per learning episode on two small MLPs.
+
+    Distributed (:mod:`hawq.base.dist`): every rank runs the whole search (the agent is tiny)
+    with the same seed; ``reward`` must give every rank the same value (it may talk to the
+    other ranks: it runs inside one :func:`hawq.base.dist.guard`, so a rank that fails stops
+    the others with :class:`hawq.base.dist.RankFailedError` naming it). With ``time_budget``
+    the ranks agree to stop when any of them ran out of time (one small all-reduce per
+    episode), so they stop together and keep the same result.
     """
+    with dist.guard():
+        return _ddpg_search(features, n_bits, reward, make_plan, dynamic, config, progress)
+
+
+def _ddpg_search(features: np.ndarray, n_bits: int, reward: Callable[[Any], float],
+                 make_plan: Callable[[np.ndarray], Any] | None,
+                 dynamic: Callable[[int, np.ndarray], Sequence[float]] | None,
+                 config: DDPGConfig | None, progress: bool) -> DDPGResult:
     config = config or DDPGConfig()
     feats = normalise_features(features)
     L = feats.shape[0]
@@ -271,7 +292,8 @@ def ddpg_search(features: np.ndarray, n_bits: int, reward: Callable[[Any], float
     sigma = config.noise
     t0 = time.perf_counter()
     stopped = False
-    bar = tqdm(range(config.episodes), desc="ddpg", disable=not progress, leave=False)
+    bar = tqdm(range(config.episodes), desc="ddpg", disable=not progress or not dist.is_main(),
+               leave=False)
     for ep in bar:
         last = ep == config.episodes - 1
         random_ep = ep < config.warmup and not last
@@ -316,7 +338,7 @@ def ddpg_search(features: np.ndarray, n_bits: int, reward: Callable[[Any], float
             if ep + 1 > config.warmup:
                 sigma *= config.noise_decay
         bar.set_postfix(best=f"{best.best_reward:.4g}", last=f"{r:.4g}")
-        if config.time_budget is not None and time.perf_counter() - t0 > config.time_budget:
+        if config.time_budget is not None and _out_of_time(t0, config.time_budget):
             stopped = not last
             break
     bar.close()
@@ -326,3 +348,11 @@ def ddpg_search(features: np.ndarray, n_bits: int, reward: Callable[[Any], float
     best.seconds = time.perf_counter() - t0
     best.stopped_by_time = stopped
     return best
+
+
+def _out_of_time(t0: float, budget: float) -> bool:
+    """Whether ``budget`` seconds since ``t0`` are spent, on any rank (so all ranks agree)."""
+    over = time.perf_counter() - t0 > budget
+    if not dist.is_distributed():
+        return over
+    return bool(dist.all_reduce_sum(torch.tensor([float(over)])).item() > 0)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from hawq.base import dist
 from hawq.maths.allocation import Allocation, make_allocation
 from hawq.maths.budgets import (Budget, as_bits, as_matrix, as_omega, as_params, fits, resource_limit,
                           size_limit_bits, size_matrix, slack)
@@ -243,7 +244,31 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
 
     Returns a :class:`Refinement`. Cost: at most 1 + max_rounds * candidates forward passes over
     ``data`` (plus one float pass for ``"kl"``); no Hessian-vector products.
+
+    Distributed (:mod:`hawq.base.dist`, every rank calling it with the same arguments): a
+    round's candidates are independent, so rank r measures candidates r, r+N, ... on all of
+    ``data`` and one all-reduce of the round's (at most ``candidates``) values gives every rank
+    all of them; every rank then takes the same decision, so the result (moves, plan, values,
+    ``evaluations`` counted over all ranks) is exactly the single-process one. Per rank: the
+    float and start passes plus ceil(candidates / N) passes per round, and per round one
+    all-reduce of the round's candidate values (at most ``candidates`` numbers, the same count
+    on every rank) after :mod:`hawq.base.dist`'s failure check. A rank that fails stops the others with
+    :class:`hawq.base.dist.RankFailedError` naming it.
     """
+    with dist.guard():
+        return _refine_plan(model, data, names, bits, omega, start, params, budget, size=size,
+                            bops=bops, bops_limit=bops_limit, latency=latency,
+                            latency_limit=latency_limit, pinned=pinned, objective=objective,
+                            candidates=candidates, max_rounds=max_rounds, config=config,
+                            batch_size=batch_size, progress=progress, task=task)
+
+
+def _refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequence[float],
+                 omega: Any, start: Sequence[int], params: Any, budget: Budget | None, *,
+                 size: Any, bops: Any, bops_limit: Any, latency: Any, latency_limit: Any,
+                 pinned: Mapping[int, int] | Sequence[int] | None, objective: str,
+                 candidates: int, max_rounds: int, config: QuantConfig | None, batch_size: int,
+                 progress: bool, task: Task | str | None) -> Refinement:
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective={objective!r}: use one of {OBJECTIVES}")
     if candidates < 1 or max_rounds < 0:
@@ -285,11 +310,9 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
             ref = ([task.forward(model, batch_to(bt, device)) for bt in batches]
                    if objective == "kl" else None)
         loaded = np.full(n.size, -1)     # choice whose weights each layer holds (-1: float)
-        evaluations = 0
 
         @torch.no_grad()
         def measure(choice: np.ndarray) -> float:
-            nonlocal evaluations
             for i in np.flatnonzero(choice != loaded):   # only the layers that change
                 weights[i].data.copy_(quantized[i][choice[i]])
                 loaded[i] = choice[i]
@@ -302,22 +325,33 @@ def refine_plan(model: nn.Module, data: Any, names: Sequence[str], bits: Sequenc
                         total += float(task.divergence(out, ref[i], bt))
                     else:
                         total += float(task.loss(out, bt)) * batch_len(bt)
-            evaluations += 1
             if not np.isfinite(total):
                 raise NumericalError(f"the {objective} objective is NaN/inf for plan "
                                      f"{[float(b[k]) for k in choice]}: check the data and model")
             return total / samples
 
+        def measure_all(trials: list[np.ndarray]) -> list[float]:
+            """Every trial's value: this rank measures its share (all of them in a single
+            process), one all-reduce of len(trials) numbers fills in the others'."""
+            values = torch.zeros(len(trials), dtype=torch.float64)
+            for k in dist.shard(range(len(trials))):
+                values[k] = measure(trials[k])
+            return dist.all_reduce_sum(values).tolist()
+
         start_c = c.copy()
-        value = start_value = measure(c)
+        value = start_value = measure(c)   # on every rank: cheaper than sending it
+        evaluations = 1
         moves: list[dict[str, Any]] = []
         rounds = 0
-        bar = tqdm(total=max_rounds, desc="refining plan", disable=not progress, leave=False)
+        bar = tqdm(total=max_rounds, desc="refining plan", disable=not progress or
+                   not dist.is_main(), leave=False)
         while rounds < max_rounds:
             rounds += 1
             best = None
-            for predicted, trial in space.candidates(c)[:candidates]:
-                v = measure(trial)
+            ranked = space.candidates(c)[:candidates]
+            values = measure_all([trial for _, trial in ranked])
+            evaluations += len(ranked)
+            for (predicted, trial), v in zip(ranked, values):
                 if v < value and (best is None or v < best[0]):
                     best = (v, trial, predicted)
             bar.update()
