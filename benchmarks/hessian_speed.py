@@ -17,6 +17,25 @@ cross-layer terms), the script also projects the cost of reaching the *same* rel
 error on every layer from the measured per-probe times and per-layer sample variances.
 
     python benchmarks/hessian_speed.py            # writes benchmarks/results/hessian_speed.json
+
+Equal-precision table (``--precision``, issue 32): wall time until every layer's trace has a
+relative standard error <= each target (5% and 2%) on the same 128 test images, 2 threads:
+
+* hawq default: ``analyze(metric="trace", tol=e, max_probes=2000)`` (probe_mode "auto", i.e. the
+  Gauss-Newton route: exact GN trace from per-sample gradients + per-layer Hutchinson on the
+  remainder H_ii - GN_ii, which is exactly 0 on ReLU ResNets);
+* hawq per layer: the same with ``probe_mode="layer"``;
+* PyHessian per layer: one ``hessian`` object per layer (other weights frozen), ``trace`` adding
+  10 probes at a time until that layer's stderr <= e |mean| (2000 probes at most per layer).
+
+Each (method, target, repeat) is one subprocess (peak RSS is its own) and one JSON row, written
+as it completes; rows already in the file are kept (a rerun resumes). Methods or targets whose
+run would not fit the time budget are given as *projections* from a measured run's per-layer
+sample variances and per-probe times (marked ``projected``). Agreement: every method's traces
+against the hawq default's (exact on this ReLU network: the remainder samples are exactly 0),
+max relative difference and max |z| in combined standard errors.
+
+    python benchmarks/hessian_speed.py --precision   # benchmarks/results/hessian_speed_precision.json
 """
 
 from __future__ import annotations
@@ -126,11 +145,189 @@ def worker(args) -> dict:
         res = analyze(model, (x, y), metric="fisher")
         out["seconds"] = time.perf_counter() - t
         out["trace"] = [lh.trace for lh in res.layers]
+    elif args.worker.startswith("prec_"):
+        out |= precision_worker(args, model, x, y, names)
     elif args.worker != "baseline":
         raise SystemExit(f"unknown worker {args.worker!r}")
     out["names"] = names
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+PREC_LABELS = {"prec_hawq": "hawq default (auto: Gauss-Newton + remainder)",
+               "prec_layer": "hawq probe_mode=layer", "prec_pyhessian": "PyHessian per layer"}
+
+
+def precision_worker(args, model, x, y, names) -> dict:
+    """One equal-precision run: until every layer's relative stderr <= args.target."""
+    import torch
+    import torch.nn as nn
+
+    from hawq.analysis.hessian import analyze
+
+    e, seed, cap = args.target, args.seed, args.max_probes
+    out: dict = {"target": e}
+    if args.worker in ("prec_hawq", "prec_layer"):
+        kw = {} if args.worker == "prec_hawq" else {"probe_mode": "layer"}
+        t = time.perf_counter()
+        res = analyze(model, (x, y), metric="trace", tol=e, max_probes=cap, seed=seed, **kw)
+        out["seconds"] = time.perf_counter() - t
+        out["trace"] = [lh.trace for lh in res.layers]
+        out["stderr"] = [lh.stderr for lh in res.layers]
+        out["probes"] = [lh.probes for lh in res.layers]
+        out["route"] = res.layers[0].route
+        out["hvp_count"] = res.hvp_count
+        return out
+    from pyhessian import hessian
+
+    torch.manual_seed(seed)
+    mods = dict(model.named_modules())
+    tr, se, probes, per_layer = [], [], [], []
+    t = time.perf_counter()
+    for name in names:
+        tl = time.perf_counter()
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        mods[name].weight.requires_grad_(True)
+        h = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        samples: list[float] = []
+        while len(samples) < cap:
+            samples += [float(s) for s in h.trace(maxIter=10, tol=float("-inf"))]
+            a = np.array(samples)
+            if a.std(ddof=1) / np.sqrt(len(a)) <= e * abs(a.mean()):
+                break
+        del h
+        mods[name].weight.grad = None
+        a = np.array(samples)
+        tr.append(float(a.mean()))
+        se.append(float(a.std(ddof=1) / np.sqrt(len(a))))
+        probes.append(len(a))
+        per_layer.append(time.perf_counter() - tl)
+    out["seconds"] = time.perf_counter() - t
+    out |= {"trace": tr, "stderr": se, "probes": probes, "layer_seconds": per_layer}
+    return out
+
+
+def precision_main(args) -> None:
+    """The equal-precision table: rows resumed from / appended to ``args.precision_json``."""
+    from hawq.base.io import read_json, write_json
+
+    path = Path(args.precision_json)
+    doc = read_json(path, "precision results") if path.exists() else {}
+    if doc.get("samples", args.samples) != args.samples:
+        raise SystemExit(f"{path} holds a run on {doc['samples']} samples: give --precision-json")
+    doc |= {"model": "resnet20", "samples": args.samples, "threads": args.threads,
+            "max_probes": args.max_probes}
+    rows = doc.setdefault("rows", [])
+    done = {(r["method"], r["target"], r["repeat"]) for r in rows}
+    plan = []  # interleaved: repeat 0 of everything first
+    for rep_ in range(max(args.prec_repeats, 1)):
+        for m in args.prec_methods.split(","):
+            for e in [float(v) for v in args.targets.split(",")]:
+                full = m == "prec_hawq" or e == max(float(v) for v in args.targets.split(","))
+                if (m == "prec_hawq" and rep_ < args.prec_repeats) or (rep_ == 0 and full):
+                    plan.append((m, e, rep_))
+    for m, e, rep_ in plan:
+        if (m, e, rep_) in done:
+            continue
+        cmd = [sys.executable, __file__, "--worker", m, "--seed", str(rep_), "--target", str(e),
+               "--max-probes", str(args.max_probes), "--samples", str(args.samples),
+               "--threads", str(args.threads), "--data-dir", str(args.data_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise SystemExit(f"{m} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        row = json.loads(line[-1][7:]) | {"method": m, "target": e, "repeat": rep_}
+        rows.append(row)
+        print(f"  {m:15s} target {e:.2f} repeat {rep_}: {row['seconds']:7.1f} s, "
+              f"{sum(row['probes'])} layer-probes, peak RSS {row['peak_rss_mb']:.0f} MB",
+              flush=True)
+        doc["summary"] = precision_summary(doc)
+        write_json(path, doc)
+    doc["summary"] = precision_summary(doc)
+    write_json(path, doc)
+    print_precision(doc)
+    print(f"\nwrote {path}")
+
+
+def precision_summary(doc: dict) -> dict:
+    """Per (method, target): median seconds (or a projection), peak RSS, worst relative stderr,
+    agreement with the hawq default's traces; ratios against PyHessian."""
+    rows = doc["rows"]
+    targets = sorted({r["target"] for r in rows}, reverse=True)
+    ref_rows = [r for r in rows if r["method"] == "prec_hawq"]
+    ref = np.array(ref_rows[0]["trace"]) if ref_rows else None
+    ref_se = np.array([s or 0.0 for s in ref_rows[0]["stderr"]]) if ref_rows else None
+    out: dict = {"targets": targets, "methods": {}}
+    for m in PREC_LABELS:
+        mine = [r for r in rows if r["method"] == m]
+        if not mine:
+            continue
+        res = {}
+        for e in targets:
+            rs = [r for r in mine if r["target"] == e]
+            cell: dict = {}
+            if rs:
+                tr = np.array(rs[0]["trace"])
+                se = np.array([s or 0.0 for s in rs[0]["stderr"]])
+                cell = {"seconds": statistics.median(r["seconds"] for r in rs),
+                        "runs": [r["seconds"] for r in rs], "projected": False,
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                        "layer_probes": sum(rs[0]["probes"]),
+                        "worst_rel_stderr": float((se / np.abs(tr)).max())}
+                if ref is not None:
+                    rel = np.abs(tr - ref) / np.abs(ref)
+                    z = (tr - ref) / np.sqrt(se**2 + ref_se**2 + 1e-30)
+                    cell |= {"max_rel_diff_vs_hawq": float(rel.max()),
+                             "max_abs_z_vs_hawq": float(np.abs(z).max()),
+                             "layers_within_3se": int((np.abs(z) <= 3).sum())}
+            else:  # project from the loosest measured target of this method
+                src = [r for r in mine if r["target"] == max(r["target"] for r in mine)][0]
+                tr = np.abs(np.array(src["trace"]))
+                n = np.array(src["probes"], dtype=float)
+                var = n * np.array([s or 0.0 for s in src["stderr"]]) ** 2  # per-probe variance
+                need = np.maximum(np.ceil(var / (e * tr) ** 2), 2)
+                if m == "prec_pyhessian":
+                    need = np.ceil(need / 10) * 10
+                    per = np.array(src["layer_seconds"]) / n
+                    secs = float((per * need).sum())
+                else:
+                    secs = float(src["seconds"] / n.sum() * need.sum())
+                cell = {"seconds": secs, "projected": True, "layer_probes": int(need.sum()),
+                        "peak_rss_mb": src["peak_rss_mb"],
+                        "note": f"projected from the {src['target']:.0%} run's per-layer "
+                                "variances and per-probe times"}
+            res[f"{e:g}"] = cell
+        out["methods"][m] = res
+    ph = out["methods"].get("prec_pyhessian", {})
+    for m, res in out["methods"].items():
+        for e, cell in res.items():
+            if e in ph:
+                cell["pyhessian_over_this"] = ph[e]["seconds"] / cell["seconds"]
+                cell["rss_over_pyhessian"] = cell["peak_rss_mb"] / ph[e]["peak_rss_mb"]
+    return out
+
+
+def print_precision(doc: dict) -> None:
+    s = doc["summary"]
+    print(f"\nEqual precision: ResNet-20, {doc['samples']} CIFAR-10 test images, "
+          f"{doc['threads']} threads; seconds until every layer's relative stderr <= target")
+    print("| method | target | seconds | PyHessian / this | layer-probes | worst rel. stderr | "
+          "max rel. diff vs hawq | max abs z | peak RSS MB (x PyHessian) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, res in s["methods"].items():
+        for e, c in res.items():
+            secs = f"{c['seconds']:.1f}" + (" (projected)" if c["projected"] else
+                                            f" (median of {len(c['runs'])})")
+            ratio = f"{c['pyhessian_over_this']:.1f}x" if "pyhessian_over_this" in c else "-"
+            wr = f"{c['worst_rel_stderr']:.3f}" if "worst_rel_stderr" in c else "-"
+            rd = f"{c['max_rel_diff_vs_hawq']:.3f}" if "max_rel_diff_vs_hawq" in c else "-"
+            zz = f"{c['max_abs_z_vs_hawq']:.2f}" if "max_abs_z_vs_hawq" in c else "-"
+            rss = (f"{c['peak_rss_mb']:.0f} ({c['rss_over_pyhessian']:.2f})"
+                   if "rss_over_pyhessian" in c else f"{c['peak_rss_mb']:.0f}")
+            print(f"| {PREC_LABELS[m]} | {float(e):.0%} | {secs} | {ratio} | {c['layer_probes']} "
+                  f"| {wr} | {rd} | {zz} | {rss} |")
 
 
 def run_worker(args, method: str, seed: int) -> dict:
@@ -276,7 +473,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     env = os.environ.get("HAWQ_DATA")
     p.add_argument("--data-dir", default=env or str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--samples", type=int, default=None, help="default 256 (128 with --precision)")
     p.add_argument("--probes", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (medians quoted)")
     p.add_argument("--extra-repeats", type=int, default=1,
@@ -285,9 +482,25 @@ def main() -> None:
     p.add_argument("--skip-extras", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "hessian_speed.json"))
+    p.add_argument("--precision", action="store_true",
+                   help="the equal-precision table instead (issue 32; default --samples 128)")
+    p.add_argument("--targets", default="0.05,0.02", help="relative stderr targets")
+    p.add_argument("--prec-methods", default="prec_hawq,prec_pyhessian,prec_layer")
+    p.add_argument("--prec-repeats", type=int, default=3,
+                   help="repeats of the hawq default (PyHessian and hawq layer: one run at the "
+                        "loosest target, the others projected)")
+    p.add_argument("--max-probes", type=int, default=2000, help="probes per layer at most")
+    p.add_argument("--precision-json", default=str(ROOT / "benchmarks" / "results"
+                                                    / "hessian_speed_precision.json"))
+    p.add_argument("--target", type=float, default=0.05, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.samples is None:
+        args.samples = 128 if args.precision or (args.worker or "").startswith("prec_") else 256
+    if args.precision and not args.worker:
+        precision_main(args)
+        return
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return

@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 BATCH = 6
 BITS = [2, 4, 8]
 RUNS = {  # name -> analyze() arguments (batch_size=BATCH, seed=1 for all)
-    "joint": dict(metric="trace", tol=0.15, max_probes=16, min_probes=3),
+    "joint": dict(metric="trace", probe_mode="joint", tol=0.15, max_probes=16, min_probes=3),
+    "gn": dict(metric="trace", probe_mode="gn", tol=0.15, max_probes=16, min_probes=3),
     "layer": dict(metric="trace", probe_mode="layer", tol=0.15, max_probes=16, min_probes=3),
     "channel": dict(metric="channel", tol=0.0, max_probes=3, probe_batch=2),
     "activation": dict(metric="activation", tol=0.0, max_probes=3),

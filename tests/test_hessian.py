@@ -118,7 +118,7 @@ def test_joint_probes_unbiased_within_their_error_bars_on_cnn():
     x, y = data((2, 5, 5))
     names = ["conv1", "conv2", "fc"]
     exact = [float(b.trace()) for b in exact_blocks(model, names, x, y)]
-    joint = analyze(model, (x, y), tol=0, max_probes=2000, seed=4, **FAST)
+    joint = analyze(model, (x, y), tol=0, max_probes=2000, seed=4, probe_mode="joint", **FAST)
     layer = analyze(model, (x, y), tol=0, max_probes=2000, seed=4, probe_mode="layer", **FAST)
     for lj, ll, ex in zip(joint.layers, layer.layers, exact):
         assert abs(lj.trace - ex) <= 3 * lj.stderr, (lj.name, lj.trace, ex, lj.stderr)
@@ -201,7 +201,7 @@ def test_fisher_trace_equals_per_sample_loop():
 def test_chunked_cached_recomputed_and_loader_data_agree():
     model = cnn()
     x, y = data((2, 5, 5))
-    kw = dict(max_probes=5, tol=0, seed=7)
+    kw = dict(max_probes=5, tol=0, seed=7, probe_mode="joint")
     one = analyze(model, (x, y), **kw)
     cached = analyze(model, (x, y), batch_size=7, **kw)
     rebuilt = analyze(model, (x, y), batch_size=7, max_graph_bytes=0, **kw)
@@ -267,9 +267,10 @@ def test_seeds_deterministic_and_consistent_and_state_restored():
     model.conv1.weight.requires_grad_(False)
     d = data((2, 5, 5))
     rng = torch.random.get_rng_state()
-    a = analyze(model, d, max_probes=200, tol=0.02, seed=0)
-    b = analyze(model, d, max_probes=200, tol=0.02, seed=0)
-    c = analyze(model, d, max_probes=200, tol=0.02, seed=1)
+    kw = dict(max_probes=200, tol=0.02, probe_mode="joint")
+    a = analyze(model, d, seed=0, **kw)
+    b = analyze(model, d, seed=0, **kw)
+    c = analyze(model, d, seed=1, **kw)
     assert torch.equal(rng, torch.random.get_rng_state())  # global RNG untouched
     assert model.training and not model.conv1.weight.requires_grad and model.fc.weight.requires_grad
     assert a.to_dict()["layers"] == b.to_dict()["layers"]

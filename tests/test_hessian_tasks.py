@@ -89,7 +89,7 @@ def chunked_task_loss(task, batch, size):
 
 # (a) ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(metric="trace", max_probes=12, tol=0),
+@pytest.mark.parametrize("kw", [dict(metric="trace", max_probes=12, tol=0, probe_mode="joint"),
                                 dict(metric="channel", max_probes=6, tol=0, probe_mode="layer",
                                      batch_size=5),
                                 dict(metric="eigen", max_iter=20),
@@ -106,7 +106,7 @@ def test_default_task_equals_criterion_path_exactly(kw):
 
 def test_criterion_with_sum_reduction_is_rescaled():
     d = pairs()
-    kw = dict(max_probes=8, tol=0, seed=2, batch_size=5)
+    kw = dict(max_probes=8, tol=0, seed=2, batch_size=5, probe_mode="joint")
     for metric in ("trace", "activation"):
         a = analyze(mlp(), d, metric=metric, **kw)
         b = analyze(mlp(), d, metric=metric, criterion=nn.CrossEntropyLoss(reduction="sum"), **kw)
@@ -263,7 +263,7 @@ def test_loss_dict_trace_is_sum_of_losses_hessian_trace():
 
 def test_dataloader_and_dataset_give_the_tensors_result():
     x, y = pairs(n=13)
-    kw = dict(max_probes=6, tol=0, seed=5)
+    kw = dict(max_probes=6, tol=0, seed=5, probe_mode="joint")
     ref = analyze(mlp(), (x, y), batch_size=5, **kw)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
     assert same(ref, analyze(mlp(), loader, **kw))
@@ -314,7 +314,7 @@ def test_task_and_criterion_together_and_custom_tasks():
     with pytest.raises(ConfigError, match="task"):
         analyze(mlp(), (x, y), task="no-such-task")
     # a loss callable is a custom task; the same loss as the default task gives the same numbers
-    kw = dict(max_probes=6, tol=0, seed=1, batch_size=5)
+    kw = dict(max_probes=6, tol=0, seed=1, batch_size=5, probe_mode="joint")
     ce = custom_task(lambda out, b: F.cross_entropy(out, b[1]))
     assert same(analyze(mlp(), (x, y), task=ce, **kw), analyze(mlp(), (x, y), **kw))
     fn = analyze(mlp(), (x, y), task=lambda out, b: F.cross_entropy(out, b[1]), **kw)

@@ -523,7 +523,8 @@ def test_export_and_density_of_a_run_never_import_what_the_run_names(tmp_path, c
 #: Functions allowed to import code: each imports a name the user typed (``--model`` /
 #: ``--data`` on the command line, or a 'pkg.mod:factory' string passed in Python).
 IMPORT_ALLOWED = {("ui/loading.py", "_import_module"), ("modules/models.py", "_user_spec"),
-                  ("modules/models.py", "import_user_file")}
+                  ("modules/models.py", "import_user_file"),
+                  ("modules/hf.py", "require")}  # optional dependencies hawq's own code names
 IMPORT_CALLS = {"import_module", "__import__", "exec_module", "spec_from_file_location",
                 "import_from_path"}
 

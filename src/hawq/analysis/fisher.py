@@ -39,7 +39,8 @@ from hawq.base.errors import ConfigError, DataError, NumericalError
 from hawq.modules.qmodules import layer_weight
 from hawq.feed.tasks import Task, batch_len, batch_to, resolve_task, split_batch
 
-__all__ = ["CHUNK_BYTES", "check_fisher_task", "fisher_traces"]
+__all__ = ["CHUNK_BYTES", "WithParams", "check_fisher_task", "fisher_traces", "one_sample",
+           "vmap_dims"]
 
 CHUNK_BYTES = 256 * 2**20
 
@@ -96,6 +97,10 @@ def _unsqueeze(sample: Any, dims: Any) -> Any:
     if isinstance(sample, Mapping):
         return {k: _unsqueeze(v, dims[k]) for k, v in sample.items()}
     return type(sample)(_unsqueeze(v, d) for v, d in zip(sample, dims))
+
+
+#: public names of the per-sample helpers (used by :mod:`hawq.analysis.gauss_newton`)
+WithParams, vmap_dims, one_sample = _WithParams, _vmap_dims, _unsqueeze
 
 
 def _scalar(loss: Any, task: Task) -> torch.Tensor:

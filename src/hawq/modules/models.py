@@ -1,7 +1,8 @@
 """Models: CIFAR-10 ResNet-20/32/44/56 (He et al. 2016, option A) and a built-in digits CNN.
 
 Models are named by the registry :data:`MODELS` (``resnet20`` ... ``resnet56``, ``digits-cnn``;
-add one with :func:`register_model`) or by ``package.module:factory`` /
+the language models ``smollm2-135m`` and ``minilm-l6`` of :mod:`hawq.modules.hf`, whose spec's
+``setup`` also gives their task and text; add one with :func:`register_model`) or by ``package.module:factory`` /
 ``path/to/file.py:factory`` for a user's own model (the factory is called with no arguments).
 """
 
@@ -127,6 +128,10 @@ class ModelSpec:
     dataset: str | None  # "cifar10" or "digits"; None: no built-in dataset (your model)
     input_shape: tuple[int, ...]  # per sample, e.g. (3, 32, 32)
     build: Callable[..., nn.Module]
+    #: None for models on a built-in dataset; else a factory returning {"model", "task",
+    #: "data"} (language models bring their own task and tokenized text): the CLI reads it as
+    #: it reads a user's model factory.
+    setup: Callable[[], dict] | None = None
 
 
 def _resnet(depth: int) -> Callable[..., nn.Module]:
@@ -205,6 +210,28 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 for _d in (20, 32, 44, 56):
     register_model(ModelSpec(f"resnet{_d}", "cifar10", (3, 32, 32), _resnet(_d)))
 register_model(ModelSpec("digits-cnn", "digits", (1, 8, 8), _digits))
+
+
+def _lm(name: str) -> ModelSpec:
+    """The spec of the built-in language model ``name`` (:data:`hawq.modules.hf.BUILTIN_LMS`):
+    ``build`` loads the model only, ``setup`` the model, its task and the standard library's
+    English text tokenized for it. ``transformers`` is imported only when one is called."""
+
+    def build(pretrained: bool = True, data_dir: str | os.PathLike | None = None) -> nn.Module:
+        from hawq.modules.hf import builtin_lm
+
+        return builtin_lm(name, pretrained=pretrained)[0]
+
+    def setup() -> dict:
+        from hawq.modules.hf import lm_setup
+
+        return lm_setup(name)
+
+    return ModelSpec(name, None, (), build, setup)
+
+
+for _name in ("smollm2-135m", "minilm-l6"):
+    register_model(_lm(_name))
 
 #: The old name of :data:`MODELS` (iterate it or test ``name in REGISTRY``).
 REGISTRY = MODELS

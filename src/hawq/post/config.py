@@ -120,11 +120,13 @@ def method_names() -> list[str]:
 
 def model_help() -> str:
     """Help of ``--model``: the built-in names (:data:`hawq.modules.models.MODELS`) and the factory form."""
+    from hawq.modules.hf import MODEL_HELP
     from hawq.modules.models import MODELS
 
     return (f"built-in model ({', '.join(MODELS.names())}) or your own: 'pkg.module:factory' or "
             "'path/to/file.py:factory', imported with the current folder on the path; the "
-            "factory returns an nn.Module, (model, task[, data]) or a dict with model/task/data")
+            "factory returns an nn.Module, (model, task[, data]) or a dict with model/task/data; "
+            + MODEL_HELP)
 
 
 def _check(name: Any, names: list[str], argument: str) -> None:
@@ -342,9 +344,10 @@ class CompressConfig:
     max_probes: int = _f(50, "Hutchinson probes at most", group="sensitivity", check="positive")
     tol: float = _f(1e-2, "Hutchinson: stop at this relative standard error of the trace",
                     group="sensitivity", check="non-negative")
-    probe_mode: str = _f("joint", "Hutchinson probes: 'joint' (one HVP per probe for all "
-                         "layers) or 'layer' (each layer alone: L HVPs per probe, lower "
-                         "variance; the better choice for --method hawq-v2)",
+    probe_mode: str = _f("auto", "Hessian traces: 'auto' (default: 'gn' for classifiers with "
+                         "the built-in cross-entropy, else 'joint'), 'gn' (exact Gauss-Newton "
+                         "trace + Hutchinson on the remainder), 'joint' (one HVP per probe for "
+                         "all layers) or 'layer' (each layer alone: L HVPs per probe)",
                          choices=probe_mode_names, group="sensitivity")
     calib_samples: int = _f(512, "calibration samples (activation ranges, measured losses)",
                             group="quantization", check="positive")

@@ -130,7 +130,7 @@ class _Inputs:
 def _is_builtin(name: str | None) -> bool:
     from hawq.modules.models import MODELS
 
-    return name in MODELS
+    return name in MODELS and MODELS.get(name).setup is None  # language models: own data
 
 
 def _inputs(model_name: str | None, data_dir: str | None, data_spec: str | None,
@@ -139,16 +139,16 @@ def _inputs(model_name: str | None, data_dir: str | None, data_spec: str | None,
     read ``--data`` (it replaces data a factory returned) and settle the task: ``--task`` when it
     names another than the default, else the factory's, else the default. Raises ConfigError
     (one line) for unusable specs."""
-    from hawq.ui.loading import call_factory, load_object, resolve_object, unpack_data, unpack_setup
+    from hawq.ui.loading import call_factory, load_data, resolve_object, unpack_setup
     from hawq.modules.models import MODELS, build_model
 
     if not model_name:
         raise ConfigError("give --model: a built-in name or 'pkg.module:factory'")
-    if model_name in MODELS:
+    if _is_builtin(model_name):
         spec = MODELS.get(model_name)
         model = build_model(model_name, pretrained=True, data_dir=data_dir) if build else None
         inp = _Inputs(model_name, model, None, {}, True, tuple(spec.input_shape), spec.dataset)
-    elif ":" in model_name:
+    elif ":" in model_name or model_name in MODELS:  # yours, hf:DIR, a language model
         factory = resolve_object(model_name, "model")
         setup = unpack_setup(call_factory(factory, model_name, "model"), f"model {model_name!r}")
         if setup.model is None:
@@ -160,7 +160,8 @@ def _inputs(model_name: str | None, data_dir: str | None, data_spec: str | None,
         raise ConfigError(f"--model {model_name!r}: use one of {MODELS.names()} or "
                           "'pkg.module:factory' / 'path/to/file.py:factory' for your own model")
     if data_spec:
-        inp.data = unpack_data(load_object(data_spec, "data"), f"data {data_spec!r}")
+        inp.data = load_data(data_spec, inp.model,  # text:FILE needs the model's tokenizer
+                             settle_task(task_name, inp.task, DEFAULT_TASK))
         inp.data_spec = data_spec
     if task_name is not None:
         inp.task = settle_task(task_name, inp.task, DEFAULT_TASK)
@@ -288,6 +289,13 @@ def _job_inputs(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise ConfigError(f"model {cfg.model!r} has no data: give --data 'pkg.module:factory' "
                           "returning {'calib': ..., 'heldout': ..., 'test': ...} or one data "
                           "object (or return data from the model factory)")
+    from hawq.ui.loading import language_model, text_source
+
+    if language_model(cfg.model) is not None or text_source(cfg.data):  # hawq's text: cut it
+        n_cal = max(cfg.calib_samples or 0, getattr(cfg, "hessian_samples", 0) or 0)
+        for key, n in (("calib", n_cal), ("test", cfg.test_samples)):  # as built-in data is
+            if inp.data.get(key) is not None and n:
+                inp.data[key] = _limited(inp.data[key], n, f"{key} data", 500)
     return inp.model, (inp.data or None), inp.task
 
 
@@ -783,9 +791,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative stderr target (trace, default 1e-2) or eigen tolerance (1e-3)")
     p.add_argument("--max-probes", type=positive_int, default=200,
                    help="Hutchinson probes / power iterations at most (default: 200)")
-    p.add_argument("--probe-mode", default="joint", choices=probe_mode_names(),
-                   help="trace/channel/activation: 'joint' (one HVP per probe for all layers) "
-                        "or 'layer' (each layer alone, L HVPs per probe, lower variance)")
+    p.add_argument("--probe-mode", default="auto", choices=probe_mode_names(),
+                   help="trace/channel/activation: 'auto' (default: 'gn' for traces under the "
+                        "classification loss, else 'joint'), 'gn' (exact Gauss-Newton trace per "
+                        "layer + per-layer Hutchinson on the remainder), 'joint' (one HVP per "
+                        "probe for all layers) or 'layer' (each layer alone, L HVPs per probe)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="split the data into chunks of this many samples")
     p.set_defaults(func=cmd_analyze)

@@ -4,11 +4,20 @@ A spec is ``"package.module:attr"`` (imported with the current folder on ``sys.p
 ``python -m`` does) or ``"path/to/file.py:attr"``; ``attr`` may be dotted (``mod:Class.make``).
 :func:`load_object` imports it and calls it with no arguments when it is a factory;
 :func:`unpack_setup` / :func:`unpack_data` read what the factory returned.
+
+Language models and text (:mod:`hawq.modules.hf`, :mod:`hawq.feed.text`) need no Python of the
+user's: ``--model hf:DIR`` (a local Hugging Face folder), ``hf:DIR/FILE.gguf`` (a GGUF file) and
+the built-in language models (``smollm2-135m``, ``minilm-l6``) resolve to a factory returning
+``{"model", "task", "data"}``; ``--data text:FILE`` (a UTF-8 text file, or ``text:pydoc`` for the
+standard library's English) is split by topic and tokenized with the model's tokenizer by
+:func:`load_data`. ``hf:`` / ``text:`` name a path when it exists or no module ``hf`` / ``text``
+is importable; otherwise the spec is read as a Python object as before.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -22,8 +31,9 @@ import torch.nn as nn
 from hawq.base.errors import ConfigError, HawqError
 from hawq.modules.models import import_user_file
 
-__all__ = ["DATA_KEYS", "DEFAULT_TASK", "SETUP_KEYS", "Setup", "call_factory", "load_object",
-           "load_setup", "resolve_object", "settle_task", "unpack_data", "unpack_setup"]
+__all__ = ["DATA_KEYS", "DEFAULT_TASK", "SETUP_KEYS", "Setup", "call_factory", "language_model",
+           "load_data", "load_object", "load_setup", "resolve_object", "settle_task",
+           "text_source", "unpack_data", "unpack_setup"]
 
 #: Keys of a data dict: calibration, held-out (refinement / reward) and test data.
 DATA_KEYS = ("calib", "heldout", "test")
@@ -84,11 +94,62 @@ def _import_module(module: str, what: str, spec: str) -> Any:
                           f"{e}") from e
 
 
+def _prefixed(spec: Any, prefix: str) -> str | None:
+    """The path after ``prefix:`` when ``spec`` names a file or folder that way: the path exists,
+    or no Python module named ``prefix`` is importable (then the path's absence is reported
+    by the reader). None otherwise."""
+    if not isinstance(spec, str) or not spec.startswith(prefix + ":") or len(spec) <= len(prefix) + 1:
+        return None
+    path = spec[len(prefix) + 1:]
+    if Path(path).expanduser().exists():
+        return path
+    if Path(f"{prefix}.py").is_file() or Path(prefix, "__init__.py").is_file():
+        return None  # the user's module beside them (the current folder is on the path)
+    try:
+        module = importlib.util.find_spec(prefix)
+    except (ImportError, ValueError):
+        module = None
+    return path if module is None else None
+
+
+def language_model(spec: Any) -> Any:
+    """The factory (no arguments, returning ``{"model", "task", "data"}``) of a language model
+    spec: a built-in language model name (a :data:`hawq.modules.models.MODELS` entry with a
+    ``setup``) or ``"hf:DIR"`` / ``"hf:DIR/FILE.gguf"`` (:func:`hawq.modules.hf.lm_setup`);
+    None for any other spec. Cost: a registry look-up and at most two ``stat`` calls."""
+    from hawq.modules.models import MODELS
+
+    if isinstance(spec, str) and spec in MODELS:
+        return MODELS.get(spec).setup
+    path = _prefixed(spec, "hf")
+    if path is None:
+        return None
+    from hawq.modules.hf import lm_setup
+
+    def factory() -> dict[str, Any]:
+        return lm_setup("hf:" + path)
+
+    factory.__qualname__ = factory.__name__ = f"hf:{path}"
+    return factory
+
+
+def text_source(spec: Any) -> str | None:
+    """The text file (or ``"pydoc"``, the standard library's English) a ``--data text:FILE``
+    spec names, else None (see :func:`_prefixed`)."""
+    return _prefixed(spec, "text")
+
+
 def resolve_object(spec: str, what: str = "object") -> Any:
     """The object ``spec`` (``"pkg.module:attr"`` or ``"path/to/file.py:attr"``) names, not
-    called. Modules are imported with the current folder on ``sys.path``. Raises
-    :class:`ConfigError` saying what to do when there is no colon, the module or file is not
-    found, importing it fails, or the attribute is missing (listing what the module has)."""
+    called. Modules are imported with the current folder on ``sys.path``. A language model spec
+    (``what="model"``: ``hf:DIR``, a built-in language model) gives its factory
+    (:func:`language_model`). Raises :class:`ConfigError` saying what to do when there is no
+    colon, the module or file is not found, importing it fails, or the attribute is missing
+    (listing what the module has)."""
+    if what == "model":
+        factory = language_model(spec)
+        if factory is not None:
+            return factory
     module_name, attr = _split(spec, what)
     module = (_import_file(module_name, what, spec) if _is_path(module_name)
               else _import_module(module_name, what, spec))
@@ -205,6 +266,33 @@ def unpack_setup(obj: Any, what: str = "model factory") -> Setup:
     return Setup(model=model, task=obj.get("task"), data=data)
 
 
+def load_data(spec: str, model: nn.Module | None = None, task: Any = None) -> dict[str, Any]:
+    """The data splits ``--data spec`` gives: a text spec (``text:FILE``, ``text:pydoc``; see
+    :func:`text_source`) is split by topic and tokenized with ``model``'s tokenizer
+    (:func:`hawq.modules.hf.tokenizer_of`) for ``task`` (``causal-lm``: fixed-length
+    sequences, ``embedding``: sentences; :func:`hawq.feed.text.text_data`); any other spec is
+    :func:`load_object` read by :func:`unpack_data`. Raises :class:`ConfigError` when text data
+    meets a model without a tokenizer or a task other than those two, :class:`DataError` for an
+    unreadable or too short text file. Cost: one tokenizer pass over the text, or the factory's."""
+    path = text_source(spec)
+    if path is None:
+        return unpack_data(load_object(spec, "data"), f"data {spec!r}")
+    from hawq.feed.text import TEXT_TASKS, text_data
+    from hawq.modules.hf import text_topics, tokenizer_of
+
+    tokenizer = tokenizer_of(model) if model is not None else None
+    if tokenizer is None:
+        raise ConfigError(f"--data {spec!r}: text is tokenized with the model's tokenizer and "
+                          "this model has none: use --model hf:DIR or a built-in language model "
+                          "(smollm2-135m, minilm-l6), or give your model a .tokenizer attribute")
+    name = getattr(task, "name", task)
+    if name not in TEXT_TASKS:
+        raise ConfigError(f"--data {spec!r}: text data is made for --task "
+                          f"{' or '.join(TEXT_TASKS)}, not {name!r}")
+    topics = text_topics("pydoc" if path == "pydoc" and not Path(path).exists() else path)
+    return text_data(topics, tokenizer, name)
+
+
 def settle_task(given: Any, from_factory: Any, default: str = DEFAULT_TASK) -> Any:
     """The task a run uses: ``given`` (``--task``, a config's ``task``) when it names another
     task than ``default`` or the factory named none; else the factory's task. ``--task
@@ -217,9 +305,9 @@ def settle_task(given: Any, from_factory: Any, default: str = DEFAULT_TASK) -> A
 def load_setup(model_spec: str, data_spec: str | None = None, task: Any = None,
                default_task: str = DEFAULT_TASK) -> Setup:
     """The user's model, task and data named by specs, as the CLI reads them: ``model_spec``
-    (``"pkg.module:factory"`` / ``"path/to/file.py:factory"``) is called and read by
-    :func:`unpack_setup`; ``data_spec`` (optional) is called and read by :func:`unpack_data` and
-    replaces the data the model factory returned; the task is :func:`settle_task` of ``task``
+    (``"pkg.module:factory"`` / ``"path/to/file.py:factory"``, ``hf:DIR``, a built-in language
+    model) is called and read by :func:`unpack_setup`; ``data_spec`` (optional) is read by
+    :func:`load_data` and replaces the data the model factory returned; the task is :func:`settle_task` of ``task``
     and the factory's. Returns a :class:`Setup` whose model is in eval mode. Raises
     :class:`ConfigError` (one line, what to do) for unusable specs or a factory that returns no
     model. Cost: the imports and the factories' own (each factory is called once)."""
@@ -228,7 +316,7 @@ def load_setup(model_spec: str, data_spec: str | None = None, task: Any = None,
         raise ConfigError(f"model {model_spec!r} returned no model: return an nn.Module, "
                           "(model, task[, data]) or a dict with 'model'")
     setup.model.eval()
-    if data_spec:
-        setup.data = unpack_data(load_object(data_spec, "data"), f"data {data_spec!r}")
     setup.task = settle_task(task, setup.task, default_task)
+    if data_spec:
+        setup.data = load_data(data_spec, setup.model, setup.task)
     return setup
