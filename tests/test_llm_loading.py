@@ -169,6 +169,10 @@ def test_missing_model_package_names_the_pip_line(monkeypatch, capsys, name, pip
 
 @pytest.mark.parametrize("module", ["transformers", "gguf", "accelerate"])
 def test_missing_library_names_the_pip_line(monkeypatch, tmp_path, module):
+    # checked in order transformers, gguf, accelerate: the ones before `module` must be there
+    for before in ["transformers", "gguf", "accelerate"][:["transformers", "gguf",
+                                                           "accelerate"].index(module)]:
+        pytest.importorskip(before)
     monkeypatch.setitem(sys.modules, module, None)
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(ConfigError) as e:
