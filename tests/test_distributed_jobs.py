@@ -13,7 +13,6 @@ batches (6, 6, 6, 6, 2 samples): rank 0 holds 3 of them, rank 1 two.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dist_ranks import launch_ranks
 from hawq.base import dist
 from hawq.base.errors import HawqError
 
@@ -156,23 +156,7 @@ def _worker(argv: list[str]) -> int:
 
 
 def _launch(tmp_path: Path, mode: str) -> tuple[int, list[dict]]:
-    from hawq.ui.launch import maybe_relaunch
-
-    env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        rc = maybe_relaunch(2, [str(tmp_path), mode], module="test_distributed_jobs")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())
-             for r in range(2) if (tmp_path / f"rank{r}.json").exists()]
-    return rc, ranks
+    return launch_ranks(tmp_path, mode, "test_distributed_jobs")
 
 
 @pytest.fixture(scope="module")

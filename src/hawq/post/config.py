@@ -299,6 +299,18 @@ def _budget(name: str) -> Any:
     return _f(spec.pop("default", None), spec.pop("help"), group=_BUDGET, **spec)
 
 
+def _check_job(cfg: Any) -> None:
+    """The checks CompressConfig and ZeroQConfig share: task, data spec, model, weight bit
+    list (normalised in place) and activation bits."""
+    from hawq.maths.quantizers import check_bits
+
+    _check(cfg.task, task_names(), "task")
+    _check_spec(cfg.data, "data")
+    _check_model(cfg.model, type(cfg).__name__)
+    cfg.bits = _check_bit_list(cfg.bits)
+    check_bits(cfg.a_bits, "a_bits")
+
+
 # ----------------------------------------------------------------------------- compress
 
 @dataclass
@@ -398,13 +410,7 @@ class CompressConfig:
         _check(self.sensitivity, sensitivity_names(), "sensitivity")
         _check(self.allocator, allocator_names(), "allocator")
         _check(self.w_clip, w_clip_names(), "w_clip")
-        _check(self.task, task_names(), "task")
-        _check_spec(self.data, "data")
-        _check_model(self.model, "CompressConfig")
-        from hawq.maths.quantizers import check_bits
-
-        self.bits = _check_bit_list(self.bits)
-        check_bits(self.a_bits, "a_bits")
+        _check_job(self)
         _check_ranges(self)
         if len(_targets(self)) > 1:
             raise ConfigError("give one size target: target_compression, target_avg_bits, "
@@ -521,11 +527,7 @@ class ZeroQConfig:
         _check(self.data_source, list(DATA_SOURCES), "data_source")
         _check(self.w_clip, w_clip_names(), "w_clip")
         _check(self.a_calibration, a_calibration_names(), "a_calibration")
-        _check(self.task, task_names(), "task")
-        _check_spec(self.data, "data")
-        _check_model(self.model, "ZeroQConfig")
-        self.bits = _check_bit_list(self.bits)
-        check_bits(self.a_bits, "a_bits")
+        _check_job(self)
         if self.w_bits is not None:
             check_bits(self.w_bits, "w_bits", symmetric=True)
         _check_ranges(self)

@@ -69,6 +69,15 @@ def _run_args(p: argparse.ArgumentParser, nproc: bool = False) -> None:
                             "'torchrun --nproc-per-node N -m hawq ...'")
 
 
+def _job_out_args(p: argparse.ArgumentParser) -> None:
+    """--out and --overwrite of a job that owns its run folder (compress, zeroq)."""
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for plan, metrics, plots")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse an --out folder holding another run: first remove that run's "
+                        "hawq files (only those; the names are reported)")
+
+
 def _model_args(p: argparse.ArgumentParser, model_default: str | None = "digits-cnn") -> None:
     """--model, --data-dir, --data, --task, --seed (the flags the config classes generate for
     compress/zeroq, written here for the other commands)."""
@@ -803,11 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="the main job: analyse, allocate bits, quantize, evaluate")
     add_config_args(p, CompressConfig)
     _run_args(p, nproc=True)
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="directory for plan, metrics, plots")
-    p.add_argument("--overwrite", action="store_true",
-                   help="reuse an --out folder holding another run: first remove that run's "
-                        "hawq files (only those; the names are reported)")
+    _job_out_args(p)
     p.add_argument("--finetune", type=non_negative_int, default=0, metavar="EPOCHS",
                    help="then fine-tune the plan for EPOCHS epochs (QAT; see 'hawq finetune')")
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -842,10 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zeroq", help="ZeroQ: data-free mixed precision from distilled data")
     add_config_args(p, ZeroQConfig)
     _run_args(p, nproc=True)
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="directory for plan, metrics, plots")
-    p.add_argument("--overwrite", action="store_true",
-                   help="reuse an --out folder holding another run (removes only its hawq files)")
+    _job_out_args(p)
     p.set_defaults(func=cmd_zeroq)
     from hawq.ui.cli_export import add_parsers  # hawq export / hawq report
 
